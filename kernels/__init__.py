@@ -1,0 +1,1 @@
+"""Metal and CUDA kernel sources (installed as mmt_mlx.kernels)."""

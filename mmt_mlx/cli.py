@@ -1,0 +1,182 @@
+"""The ``mmt`` command: generate, eval, convert, serve, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from mmt_mlx.errors import MmtError
+from mmt_mlx.registry import BUILTINS, DEFAULT_MODEL
+
+MODEL_HELP = (
+    f"built-in name ({', '.join(BUILTINS)}; default {DEFAULT_MODEL}), a .gguf file or a model directory"
+)
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None, help=MODEL_HELP)
+    p.add_argument(
+        "--dense", action="store_true", help="use the dense (dequantized source) model, not FGS codes"
+    )
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temp", type=float, default=0.7, help="temperature; 0 = greedy (default 0.7)")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repeat-penalty", type=float, default=1.1)
+    p.add_argument("--seed", type=int, default=None, help="same seed, same text")
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from mmt_mlx.generate import stream_generate
+    from mmt_mlx.loader import load_model
+    from mmt_mlx.sample import SamplingParams
+
+    prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
+    if not prompt.strip():
+        raise MmtError("the prompt is empty")
+    sampling = SamplingParams(
+        temperature=a.temp, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
+        repetition_penalty=a.repeat_penalty, seed=a.seed,
+    )  # fmt: skip
+    sampling.validate()
+    if a.max_tokens < 1:
+        raise MmtError("--max-tokens must be at least 1")
+    lm = load_model(a.model, dense=a.dense)
+    tok = lm.tokenizer
+    if a.chat:
+        messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_bos=None)
+    else:
+        ids = tok.encode(prompt)
+    last = None
+    for chunk in stream_generate(lm, ids, max_tokens=a.max_tokens, sampling=sampling, stop=a.stop or None):
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+        last = chunk
+    sys.stdout.write("\n")
+    if last is not None:
+        print(
+            f"[{lm.name}] prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s | "
+            f"decode: {last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s | "
+            f"finish: {last.finish_reason}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _read_text(path: str, start: str | None) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError as e:
+        raise MmtError(f"cannot read text file {path}: {e.strerror}") from None
+    if start:
+        i = text.find(start)
+        if i < 0:
+            raise MmtError(f"{path}: start marker {start!r} not found")
+        text = text[i:]
+    if not text.strip():
+        raise MmtError(f"{path}: the text is empty")
+    return text
+
+
+def cmd_eval_ppl(a: argparse.Namespace) -> int:
+    from mmt_mlx.loader import load_model
+    from mmt_mlx.perplexity import perplexity
+
+    text = _read_text(a.text, a.start)
+    if a.ctx < 2 or a.chunks < 0:
+        raise MmtError("--ctx must be >= 2 and --chunks >= 0")
+    lm = load_model(a.model, dense=a.dense)
+    if a.ctx > lm.context_length:
+        raise MmtError(f"--ctx {a.ctx} exceeds the model's context of {lm.context_length}")
+    ids = lm.tokenizer.encode(text, add_bos=False)
+    bos = lm.tokenizer.bos_id if lm.tokenizer.bos_id is not None else ids[0]
+
+    def progress(i: int, n: int) -> None:
+        if not a.json:
+            print(f"\rchunk {i}/{n}", end="", file=sys.stderr, flush=True)
+
+    r = perplexity(lm.model, ids, bos, ctx=a.ctx, chunks=a.chunks, progress=progress)
+    if a.json:
+        print(json.dumps({"model": lm.name, "ppl": r.ppl, "tokens": r.tokens, "chunks": r.chunks, "ctx": r.ctx,
+                          "nll": r.nll, "seconds": round(r.seconds, 3), "tokens_per_second": r.tokens_per_second,
+                          "info": lm.info}))  # fmt: skip
+    else:
+        print(file=sys.stderr)
+        print(f"{lm.name}: ppl {r.ppl:.4f} over {r.tokens} tokens ({r.chunks} chunks of {r.ctx}), "
+              f"{r.tokens_per_second:.1f} tok/s")  # fmt: skip
+    return 0
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from mmt_mlx.server.app import serve
+
+    if not 0 < a.port < 65536:
+        raise MmtError("--port must be in 1..65535")
+    serve(a.model, host=a.host, port=a.port, api_key=a.api_key or os.environ.get("MMT_API_KEY"))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmt", description="FGS-coded language models on MLX")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text from a prompt (streams it)")
+    _add_model(g)
+    _sampling_args(g)
+    g.add_argument("--max-tokens", "-n", type=int, default=256)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--system", default=None, help="system message (with --chat)")
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("prompt", help="the prompt, or - to read it from standard input")
+    g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("eval", help="measure quality")
+    esub = e.add_subparsers(dest="eval_command", required=True)
+    ppl = esub.add_parser("ppl", help="perplexity on a text file (llama.cpp's chunking rule)")
+    _add_model(ppl)
+    ppl.add_argument("--text", required=True, help="UTF-8 text file")
+    ppl.add_argument("--start", default=None, help="score the text from the first occurrence of this string")
+    ppl.add_argument("--ctx", type=int, default=512)
+    ppl.add_argument("--chunks", type=int, default=8, help="0 = every whole chunk of the text")
+    ppl.add_argument("--json", action="store_true")
+    ppl.set_defaults(func=cmd_eval_ppl)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    s.add_argument("--model", "-m", default=None, help=MODEL_HELP)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--api-key", default=None, help="require this Bearer key (or set MMT_API_KEY)")
+    s.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MmtError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # no traceback at a user; MMT_DEBUG=1 shows it
+        if os.environ.get("MMT_DEBUG"):
+            raise
+        print(f"error: {type(e).__name__}: {e} (set MMT_DEBUG=1 for a traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

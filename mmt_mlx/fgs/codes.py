@@ -1,0 +1,95 @@
+"""The FGS code containers: what each level stores for one 2-D tensor W of shape (rows, cols).
+
+A tensor's code is an ordered list of levels; W is approximated by the sum of every level's decode.
+Each level is a plain dataclass of numpy arrays plus a few ints, so it can be written to safetensors
+(arrays) and a JSON manifest (everything else) without pickle. These containers know nothing of models.
+
+Conventions shared by the codecs (fitting, reference decode) and the runtime (ops, kernels):
+
+GaussianCode (L1, optional L2 meta-code on the amplitudes)
+    Wp = W[:, perm] (columns reordered by ``perm``; identity when ``perm`` is None)
+    Wp[i, j] = sum_k amp[i, k] * exp(-(j - mu[i, k])**2 / (2 * sigma_grid[sidx[i, k]]**2)),  j = 0..cols-1
+    mu is an integer column position, the width is one of the ``sigma_grid`` values (a small fixed grid).
+    Product: y = W @ x == Wp @ x[perm]; with integer centres and gridded widths it equals
+    sum_k amp[i,k] * B[sidx[i,k], mu[i,k]] where B[s] = x[perm] blurred by the Gaussian of width grid[s].
+    ``amp`` is either an (rows, K) array or a MetaCode that decodes to one (L2).
+
+MetaCode (L2): an (rows, K) matrix compressed across rows.
+    method "pca":  M = mean[None, :] + coef @ basis        arrays: mean (K,), coef (rows, r), basis (r, K)
+    method "dct":  M = idct_II_ortho(C, axis=0) where C is zero except its first ``keep`` rows
+                   arrays: coef (keep, K); params: rows
+    method "haar": M = inverse orthonormal Haar transform (axis 0, rows padded to a power of two) of a
+                   sparse coefficient set: arrays: index (n,) int32 flat indices into the (rows_p2, K)
+                   coefficient grid, value (n,) float; params: rows
+
+CirculantCode (FFT circular-convolution level)
+    W padded with zeros to (Rb*b, Cb*b); tile (I, J) is circulant: T[m, n] = c_IJ[(m - n) mod b].
+    Stored as spectra: spec = rfft(c_IJ) of shape (Rb, Cb, b//2 + 1), kept as spec_re / spec_im.
+    Product: y_I = sum_J irfft(spec_IJ * rfft(x_J), n=b), then y cropped to rows.
+
+QuantCode (overflow level, MLX affine layout so mx.quantized_matmul can run it)
+    w[i, j] = scales[i, j // g] * q[i, j] + biases[i, j // g], q in [0, 2**bits - 1]
+    wq is packed exactly as ``mx.quantize(w, group_size=g, bits=bits)`` packs it (uint32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class MetaCode:
+    method: str  # "pca" | "dct" | "haar"
+    rows: int
+    cols: int  # K of the Gaussian level it belongs to
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class GaussianCode:
+    rows: int
+    cols: int
+    sigma_grid: list[float]
+    amp: np.ndarray | MetaCode  # (rows, K) float16/float32, or its L2 meta-code
+    mu: np.ndarray  # (rows, K) integer column positions in [0, cols)
+    sidx: np.ndarray  # (rows, K) uint8 index into sigma_grid
+    perm: np.ndarray | None = None  # (cols,) int32 column order, or None for identity
+    kind: str = "gaussian"
+
+
+@dataclass
+class CirculantCode:
+    rows: int
+    cols: int
+    block: int
+    spec_re: np.ndarray  # (Rb, Cb, block//2 + 1)
+    spec_im: np.ndarray
+    kind: str = "circulant"
+
+
+@dataclass
+class QuantCode:
+    rows: int
+    cols: int
+    bits: int
+    group_size: int
+    wq: np.ndarray  # uint32, MLX packing
+    scales: np.ndarray  # (rows, cols // group_size) float16
+    biases: np.ndarray  # (rows, cols // group_size) float16
+    kind: str = "quant"
+
+
+Level = GaussianCode | CirculantCode | QuantCode
+
+
+@dataclass
+class TensorCode:
+    """Every level of one tensor, plus what the planner measured."""
+
+    shape: tuple[int, int]
+    levels: list[Level]
+    # per-level relative error after adding that level (same order as levels), and the target
+    errors: list[float] = field(default_factory=list)
+    tau: float | None = None

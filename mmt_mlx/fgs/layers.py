@@ -1,0 +1,193 @@
+"""MLX modules that run FGS-coded weights without ever holding the dense matrix.
+
+``FGSLinear`` computes y = sum over levels of level_matmul(x) (+ bias); ``FGSEmbedding`` looks rows up
+(decoding only the rows asked for) and doubles as a tied LM head through ``as_linear``.
+
+Backend: chosen once per module at construction (``kernels.use_kernels()``): the Metal or CUDA kernels of
+``mmt_mlx/fgs/kernels.py`` where MLX has such a GPU backend, the MLX reference ops of ``ops.py`` otherwise;
+``MMT_FGS_BACKEND=reference|kernel`` forces one. The arrays are laid out for the chosen path.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+from mlx import nn
+
+from mmt_mlx.fgs import kernels as K
+from mmt_mlx.fgs import ops
+from mmt_mlx.fgs.codes import CirculantCode, GaussianCode, Level, QuantCode, TensorCode
+from mmt_mlx.fgs.gaussian import gaussian_amp
+
+_ROW_TEMP_ELEMS = 1 << 21  # bound on (ids, K, cols) temporaries when decoding embedding rows
+
+
+class GaussianLevel(nn.Module):
+    def __init__(self, code: GaussianCode, use_kernel: bool):
+        super().__init__()
+        self.rows, self.cols = code.rows, code.cols
+        self.sigma_grid = tuple(float(s) for s in code.sigma_grid)
+        self.use_kernel = use_kernel
+        self.amp = mx.array(gaussian_amp(code).astype(np.float32))  # L2 meta-code decoded once: tiny
+        self.mu = mx.array(np.asarray(code.mu, dtype=np.int32))
+        self.sidx = mx.array(np.asarray(code.sidx, dtype=np.uint8))
+        perm = np.arange(code.cols) if code.perm is None else np.asarray(code.perm)
+        self.has_perm = code.perm is not None
+        self.perm = mx.array(perm.astype(np.int32))
+        inv = np.empty_like(perm)
+        inv[perm] = np.arange(code.cols)
+        self.inv_perm = mx.array(inv.astype(np.int32))
+        self.gcoef = K.gaussian_coefs(self.sigma_grid)
+        if not use_kernel:
+            plan = ops.gaussian_plan(self.sigma_grid, self.cols)
+            self.flat_index = plan.flat_index(self.mu, self.sidx)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self.use_kernel:
+            return K.gaussian_matmul(x, self.amp, self.mu, self.sidx, self.gcoef, self.perm)
+        perm = self.perm if self.has_perm else None
+        return ops.gaussian_matmul(
+            x, self.amp, self.mu, self.sidx, self.sigma_grid, perm, flat_index=self.flat_index
+        )
+
+    def decode_rows(self, ids: mx.array) -> mx.array:
+        """Rows ``ids`` (n,) of W, (n, cols) f32, in the original column order."""
+        k = self.amp.shape[1]
+        j = mx.arange(self.cols, dtype=mx.float32)
+        step = max(1, _ROW_TEMP_ELEMS // max(1, k * self.cols))
+        outs = []
+        for a in range(0, ids.shape[0], step):
+            sel = ids[a : a + step]
+            amp = mx.take(self.amp, sel, axis=0)[:, :, None]
+            mu = mx.take(self.mu, sel, axis=0).astype(mx.float32)[:, :, None]
+            c = mx.take(self.gcoef, mx.take(self.sidx, sel, axis=0).astype(mx.int32))[:, :, None]
+            d = j - mu
+            outs.append((amp * mx.exp(d * d * c)).sum(axis=1))
+        wp = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
+        # W[:, perm[j]] = Wp[:, j]  <=>  W = Wp[:, inv_perm]
+        return mx.take(wp, self.inv_perm, axis=1) if self.has_perm else wp
+
+
+class CirculantLevel(nn.Module):
+    def __init__(self, code: CirculantCode, use_kernel: bool):
+        super().__init__()
+        self.rows, self.cols, self.block = code.rows, code.cols, code.block
+        self.use_kernel = use_kernel
+        sr = mx.array(np.asarray(code.spec_re, dtype=np.float32))
+        si = mx.array(np.asarray(code.spec_im, dtype=np.float32))
+        if use_kernel:
+            self.spec_re, self.spec_im = sr, si  # (Rb, Cb, F): the kernel reads it as stored
+        else:
+            # (F, Rb, Cb) contiguous: the reference does per-frequency matmuls without a copy per call
+            self.spec_re = mx.contiguous(mx.transpose(sr, (2, 0, 1)))
+            self.spec_im = mx.contiguous(mx.transpose(si, (2, 0, 1)))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self.use_kernel:
+            return K.circulant_matmul(x, self.spec_re, self.spec_im, self.rows, self.cols, self.block)
+        return ops.circulant_matmul(
+            x, self.spec_re, self.spec_im, self.rows, self.cols, self.block, freq_major=True
+        )
+
+    def decode_rows(self, ids: mx.array) -> mx.array:
+        b = self.block
+        blk, m = ids // b, ids % b
+        if self.use_kernel:
+            sr, si = mx.take(self.spec_re, blk, axis=0), mx.take(self.spec_im, blk, axis=0)
+        else:  # (F, Rb, Cb) -> (n, Cb, F)
+            sr = mx.transpose(mx.take(self.spec_re, blk, axis=1), (1, 2, 0))
+            si = mx.transpose(mx.take(self.spec_im, blk, axis=1), (1, 2, 0))
+        c = mx.fft.irfft(sr + 1j * si, n=b, axis=-1)  # (n, Cb, b): first column of each tile
+        # tile row m: T[m, q] = c[(m - q) mod b]
+        g = (m[:, None] - mx.arange(b)[None, :]) % b
+        rows = mx.take_along_axis(c, mx.broadcast_to(g[:, None, :], c.shape), axis=2)
+        return rows.reshape(ids.shape[0], -1)[:, : self.cols]
+
+
+class QuantLevel(nn.Module):
+    def __init__(self, code: QuantCode, use_kernel: bool):
+        super().__init__()
+        self.rows, self.cols = code.rows, code.cols
+        self.bits, self.group_size = code.bits, code.group_size
+        self.wq = mx.array(np.asarray(code.wq, dtype=np.uint32))
+        # MLX's CPU dequantize runs ~5x faster with f32 scales; GPUs keep the stored f16 (fewer bytes)
+        sdt = np.float16 if use_kernel else np.float32
+        self.scales = mx.array(np.asarray(code.scales).astype(sdt))
+        self.biases = mx.array(np.asarray(code.biases).astype(sdt))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return ops.quant_matmul(x, self.wq, self.scales, self.biases, self.group_size, self.bits)
+
+    def decode_rows(self, ids: mx.array) -> mx.array:
+        w = mx.dequantize(
+            mx.take(self.wq, ids, axis=0),
+            mx.take(self.scales, ids, axis=0),
+            mx.take(self.biases, ids, axis=0),
+            group_size=self.group_size,
+            bits=self.bits,
+        )
+        return w.astype(mx.float32)
+
+
+def make_level(level: Level, use_kernel: bool) -> nn.Module:
+    if isinstance(level, GaussianCode):
+        return GaussianLevel(level, use_kernel)
+    if isinstance(level, CirculantCode):
+        return CirculantLevel(level, use_kernel)
+    if isinstance(level, QuantCode):
+        return QuantLevel(level, use_kernel)
+    raise TypeError(f"unknown FGS level {type(level).__name__}")
+
+
+def _levels(code: TensorCode, use_kernel: bool | None) -> tuple[list[nn.Module], bool]:
+    uk = K.use_kernels() if use_kernel is None else use_kernel
+    if not code.levels:
+        raise ValueError("a TensorCode needs at least one level")
+    for lv in code.levels:
+        if (lv.rows, lv.cols) != tuple(code.shape):
+            raise ValueError(f"level shape {(lv.rows, lv.cols)} != tensor shape {tuple(code.shape)}")
+    return [make_level(lv, uk) for lv in code.levels], uk
+
+
+class FGSLinear(nn.Module):
+    """y = x @ W.T (+ bias) with W = sum of the code's levels; W has shape (out, in) = code.shape."""
+
+    def __init__(
+        self, code: TensorCode, bias: np.ndarray | mx.array | None = None, use_kernel: bool | None = None
+    ):
+        super().__init__()
+        self.out_features, self.in_features = (int(s) for s in code.shape)
+        self.levels, self.use_kernel = _levels(code, use_kernel)
+        if bias is not None:
+            self.bias = mx.array(np.asarray(bias, dtype=np.float32))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.levels[0](x)
+        for lv in self.levels[1:]:
+            y = y + lv(x)
+        if "bias" in self:
+            y = y + self.bias.astype(y.dtype)
+        return y
+
+
+class FGSEmbedding(nn.Module):
+    """Embedding table W (num_embeddings, dims) = code.shape; only the looked-up rows are decoded."""
+
+    def __init__(self, code: TensorCode, use_kernel: bool | None = None):
+        super().__init__()
+        self.num_embeddings, self.dims = (int(s) for s in code.shape)
+        self.levels, self.use_kernel = _levels(code, use_kernel)
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        flat = ids.reshape(-1).astype(mx.int32)
+        out = self.levels[0].decode_rows(flat)
+        for lv in self.levels[1:]:
+            out = out + lv.decode_rows(flat)
+        return out.reshape(*ids.shape, self.dims)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        """Tied LM head: x (..., dims) -> logits (..., num_embeddings) = x @ W.T."""
+        y = self.levels[0](x)
+        for lv in self.levels[1:]:
+            y = y + lv(x)
+        return y

@@ -1,0 +1,127 @@
+"""Gemma 3 text decoder: interleaved sliding-window and global attention, q/k norms, GeGLU, tied embeddings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mmt_mlx.cache import KVCache, SlidingKVCache
+from mmt_mlx.models.base import attention, attention_mask
+
+
+@dataclass
+class ModelArgs:
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0  # global layers
+    rope_local_base_freq: float = 10_000.0  # sliding-window layers
+    sliding_window: int = 512
+    sliding_window_pattern: int = 6  # every 6th layer is global
+    query_pre_attn_scalar: float = 256.0
+    max_position_embeddings: int = 32768
+    model_type: str = "gemma3"
+
+    def is_global(self, layer: int) -> bool:
+        return (layer + 1) % self.sliding_window_pattern == 0
+
+
+class RMSNorm(nn.Module):
+    """Gemma's norm scales by (1 + weight); weights are stored as w, like Hugging Face checkpoints."""
+
+    def __init__(self, dims: int, eps: float) -> None:
+        super().__init__()
+        self.weight = mx.zeros((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x, 1.0 + self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = (
+            args.num_attention_heads,
+            args.num_key_value_heads,
+            args.head_dim,
+        )
+        self.scale = args.query_pre_attn_scalar**-0.5
+        self.window = None if args.is_global(layer) else args.sliding_window
+        self.q_proj = nn.Linear(args.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
+        base = args.rope_theta if self.window is None else args.rope_local_base_freq
+        self.rope = nn.RoPE(self.head_dim, traditional=False, base=base)
+
+    def __call__(self, x: mx.array, cache: KVCache | SlidingKVCache) -> mx.array:
+        b, length, _ = x.shape
+        q = self.q_norm(self.q_proj(x).reshape(b, length, self.n_heads, -1)).transpose(0, 2, 1, 3)
+        k = self.k_norm(self.k_proj(x).reshape(b, length, self.n_kv, -1)).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(b, length, self.n_kv, -1).transpose(0, 2, 1, 3)
+        offset = cache.offset
+        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        k, v, key_start = cache.update_and_fetch(k, v)
+        mask = attention_mask(offset, length, key_start, k.shape[2], self.window)
+        return self.o_proj(attention(q, k, v, self.scale, mask))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int) -> None:
+        super().__init__()
+        eps = args.rms_norm_eps
+        self.self_attn = Attention(args, layer)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, eps)
+        self.pre_feedforward_layernorm = RMSNorm(args.hidden_size, eps)
+        self.post_feedforward_layernorm = RMSNorm(args.hidden_size, eps)
+
+    def __call__(self, x: mx.array, cache: KVCache | SlidingKVCache) -> mx.array:
+        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cache))
+        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [Block(args, i) for i in range(args.num_hidden_layers)]
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def __call__(self, tokens: mx.array, cache: list | None = None) -> mx.array:
+        cache = cache if cache is not None else self.make_cache()
+        h = self.embed_tokens(tokens)
+        h = h * mx.array(self.args.hidden_size**0.5, dtype=h.dtype)
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, c)
+        return self.embed_tokens.as_linear(self.norm(h))
+
+    def make_cache(self) -> list:
+        a = self.args
+        return [
+            KVCache() if a.is_global(i) else SlidingKVCache(a.sliding_window)
+            for i in range(a.num_hidden_layers)
+        ]

@@ -1,0 +1,68 @@
+"""The mmt command: output, JSON, and one-line errors with a non-zero exit for bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mmt_mlx.cli import main
+
+ALICE = str(Path(__file__).parent / "fixtures" / "alice29.txt")
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_streams_and_reports_speed(capsys, tiny_gguf):
+    path, _ = tiny_gguf["llama"]
+    code, out, err = run(capsys, "generate", "-m", path, "-n", "12", "--seed", "3", "--temp", "0.8", "Once upon")
+    assert code == 0 and out.strip()
+    assert "prompt:" in err and "tok/s" in err and "decode: 12 tokens" in err
+    code2, out2, _ = run(capsys, "generate", "-m", path, "-n", "12", "--seed", "3", "--temp", "0.8", "Once upon")
+    assert out2 == out  # same seed, same text
+
+
+def test_chat_generation_uses_template(capsys, tiny_gguf):
+    path, _ = tiny_gguf["llama"]
+    code, out, err = run(capsys, "generate", "-m", path, "--chat", "-n", "5", "--temp", "0", "Hi")
+    assert code == 0
+    assert "prompt: " in err  # the chat template makes the prompt longer than the bare text
+    assert int(err.split("prompt: ")[1].split(" ")[0]) > 10
+
+
+def test_eval_ppl_json(capsys, tiny_gguf):
+    path, _ = tiny_gguf["gemma3"]
+    code, out, _ = run(capsys, "eval", "ppl", "-m", path, "--text", ALICE, "--ctx", "64", "--chunks", "2", "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["tokens"] == 2 * 63 and report["ppl"] > 1
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "-m", "no-such-model", "hi"], "unknown model 'no-such-model'"),
+        (["generate", "-m", "/no/such/file.gguf", "hi"], "not found"),
+        (["generate", "   "], "the prompt is empty"),
+        (["generate", "--temp", "-1", "hi"], "temperature"),
+        (["eval", "ppl", "--text", "/no/such/text.txt"], "cannot read text file"),
+    ],
+)
+def test_bad_input_is_one_line_error(capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert code != 0
+    assert message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_corrupt_file_and_too_long_prompt(capsys, tmp_path, tiny_gguf):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\xff" * 64)
+    code, _, err = run(capsys, "generate", "-m", str(bad), "hi")
+    assert code == 1 and "bad.gguf" in err and len(err.strip().splitlines()) == 1
+    path, _ = tiny_gguf["llama"]
+    code, _, err = run(capsys, "generate", "-m", path, "word " * 400)
+    assert code == 1 and "context is 256 tokens" in err
