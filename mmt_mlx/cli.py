@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from mmt_mlx.errors import MmtError
 from mmt_mlx.registry import BUILTINS, DEFAULT_MODEL
@@ -116,6 +117,35 @@ def cmd_eval_ppl(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(a: argparse.Namespace) -> int:
+    from mmt_mlx.convert import PRESETS, convert, format_report, heldout_perplexity
+    from mmt_mlx.fgs.planner import KINDS
+    from mmt_mlx.loader import load_fgs, load_source, model_from_source
+
+    if a.tau is not None and a.preset is not None:
+        raise MmtError("give --tau or --preset, not both")
+    if a.preset is not None and a.preset not in PRESETS:
+        raise MmtError(f"unknown preset {a.preset!r}: choose one of {', '.join(PRESETS)}")
+    allowed = frozenset(x.strip() for x in a.levels.split(",")) if a.levels else KINDS
+    if not allowed <= KINDS or "quant" not in allowed:
+        raise MmtError(f"--levels must name some of {', '.join(sorted(KINDS))}, including quant (the overflow level)")
+    out = Path(a.output)
+    if out.exists() and not a.force:
+        raise MmtError(f"{out} already exists (use --force to replace an FGS model there)")
+    name, src = load_source(a.source)
+    report = convert(src, out, tau=a.tau, preset=a.preset, calibrate=not a.no_calibrate, allowed=allowed,
+                     overwrite=a.force, progress=not a.json, source_name=name)  # fmt: skip
+    if not a.no_eval:  # a ratio is never reported without the perplexity measured at it
+        report["heldout_ppl_source"] = heldout_perplexity(model_from_source(src, name))
+        report["heldout_ppl"] = heldout_perplexity(load_fgs(out, out.name))
+    if a.json:
+        print(json.dumps(report))
+        return 0
+    print(format_report(report))
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     from mmt_mlx.server.app import serve
 
@@ -149,6 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--chunks", type=int, default=8, help="0 = every whole chunk of the text")
     ppl.add_argument("--json", action="store_true")
     ppl.set_defaults(func=cmd_eval_ppl)
+
+    c = sub.add_parser("convert", help="encode a model as FGS codes (an FGS model directory)")
+    c.add_argument("source", help=MODEL_HELP)
+    c.add_argument("-o", "--output", required=True, help="output directory")
+    c.add_argument("--tau", type=float, default=None, help="relative error target per tensor")
+    c.add_argument("--preset", default=None, help="near-lossless, high, default, small, smallest")
+    c.add_argument("--levels", default=None, help="allowed levels, e.g. quant,gaussian,circulant,meta (default all)")
+    c.add_argument("--no-calibrate", action="store_true", help="plain weight error instead of activation-weighted")
+    c.add_argument("--no-eval", action="store_true", help="skip the held-out perplexity check")
+    c.add_argument("--force", action="store_true", help="replace an existing FGS model at the output")
+    c.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    c.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     s.add_argument("--model", "-m", default=None, help=MODEL_HELP)

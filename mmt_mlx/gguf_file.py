@@ -62,7 +62,9 @@ def read_gguf_metadata(src: Any) -> dict[str, Any]:
     return parse_gguf(memoryview(buf).cast("B"), "GGUF data", with_tensors=False)[0]
 
 
-def parse_gguf(mv: memoryview, path: str, with_tensors: bool = True) -> tuple[dict[str, Any], list[TensorInfo]]:
+def parse_gguf(
+    mv: memoryview, path: str, with_tensors: bool = True
+) -> tuple[dict[str, Any], list[TensorInfo]]:
     """Header key/values (numeric arrays as numpy arrays) and, optionally, the tensor directory."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,8 +13,9 @@ import mlx.nn as nn
 import numpy as np
 
 from mmt_mlx.errors import ModelFormatError, ModelNotFoundError
+from mmt_mlx.fgs.format import is_fgs_dir
 from mmt_mlx.models import ARCHITECTURES
-from mmt_mlx.registry import DEFAULT_MODEL, builtin_path, canonical_name
+from mmt_mlx.registry import BUILTINS, DEFAULT_MODEL, builtin_path, cache_dir, canonical_name
 from mmt_mlx.sources import SourceModel, load_gguf, load_hf_dir
 from mmt_mlx.tokenizer import Tokenizer
 
@@ -70,18 +73,91 @@ def resolve_path(model: str | None) -> tuple[str, Path]:
 
 def load_source(model: str | None) -> tuple[str, SourceModel]:
     name, path = resolve_path(model)
+    return name, _read_source(path)
+
+
+def _read_source(path: Path) -> SourceModel:
+    if is_fgs_dir(path):
+        raise ModelFormatError(f"{path} is already an FGS model")
     if path.is_dir():
-        return name, load_hf_dir(path)
+        return load_hf_dir(path)
     if path.suffix == ".gguf" or _is_gguf(path):
-        return name, load_gguf(path)
+        return load_gguf(path)
     raise ModelFormatError(f"{path}: not a GGUF file or a model directory")
 
 
-def load_model(model: str | None = None, *, dense: bool = False) -> LoadedModel:
-    name, src = load_source(model)
-    lm = model_from_source(src, name)
-    np.random.seed(None)
-    return lm
+def load_model(model: str | None = None, *, dense: bool = False, progress: bool = True) -> LoadedModel:
+    """Built-in names load as FGS models (converted once at the default preset and cached) unless dense;
+    FGS directories load their codes; .gguf files and Hugging Face directories load dense."""
+    name, path = resolve_path(model)
+    if is_fgs_dir(path):
+        return load_fgs(path, name)
+    if not dense and name in BUILTINS:
+        return load_fgs(builtin_fgs_path(name, progress), name)
+    return model_from_source(_read_source(path), name)
+
+
+def builtin_fgs_path(name: str, progress: bool = True) -> Path:
+    """The cached FGS conversion of a built-in model at the default preset, made on first use."""
+    from mmt_mlx.convert import DEFAULT_PRESET, convert
+    from mmt_mlx.fgs.format import FORMAT_VERSION
+
+    out = cache_dir() / "fgs" / f"{name}-{DEFAULT_PRESET}-v{FORMAT_VERSION}"
+    if not is_fgs_dir(out):
+        print(f"converting {name} to FGS codes (preset {DEFAULT_PRESET}); this happens once", file=sys.stderr)
+        convert(_read_source(builtin_path(name)), out, preset=DEFAULT_PRESET, progress=progress,
+                source_name=name, overwrite=True)  # fmt: skip
+    return out
+
+
+def load_fgs(path: Path, name: str) -> LoadedModel:
+    from mlx.utils import tree_unflatten
+
+    from mmt_mlx.fgs.format import load_fgs_model
+    from mmt_mlx.fgs.layers import FGSEmbedding, FGSLinear
+
+    manifest, codes, raw = load_fgs_model(path)
+    model = build_model(manifest["arch"], manifest["config"])
+    replaced = []
+    for mod_name, module in model.named_modules():
+        code = codes.get(f"{mod_name}.weight")
+        if code is None:
+            continue
+        if isinstance(module, nn.Embedding):
+            replaced.append((mod_name, FGSEmbedding(code)))
+        elif isinstance(module, nn.Linear):
+            replaced.append((mod_name, FGSLinear(code)))
+    if len(replaced) != len(codes):
+        raise ModelFormatError(
+            f"{path}: {len(codes) - len(replaced)} coded tensors match no layer of the model"
+        )
+    model.update_modules(tree_unflatten(replaced))
+    dtype = compute_dtype()
+    try:
+        model.load_weights([(k, mx.array(v, dtype=dtype)) for k, v in raw.items()], strict=False)
+    except ValueError as e:
+        raise ModelFormatError(f"{path}: raw tensors do not match the model ({e})") from None
+    mx.eval(model.parameters())
+    tokenizer = _fgs_tokenizer(path, manifest["tokenizer"])
+    report = manifest.get("report", {})
+    info = {"format": "fgs", "stored_bytes": report.get("stored_bytes"), "source_bytes": report.get("source_bytes"),
+            "parameters": report.get("parameters"), "tau": report.get("tau"), "preset": report.get("preset")}  # fmt: skip
+    context = int(manifest["config"].get("max_position_embeddings", 2048))
+    return LoadedModel(model, tokenizer, name, str(path), context, manifest["arch"], info)
+
+
+def _fgs_tokenizer(path: Path, record: dict) -> Tokenizer:
+    from types import SimpleNamespace
+
+    from mmt_mlx.tokenizer import tokenizer_from_gguf, tokenizer_from_hf_dir
+
+    if record.get("kind") == "gguf-fields":
+        fields = json.loads((path / record["file"]).read_text(encoding="utf-8"))
+        for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+            if key in fields:
+                fields[key] = np.asarray(fields[key])
+        return tokenizer_from_gguf(SimpleNamespace(fields=fields))
+    return tokenizer_from_hf_dir(path)
 
 
 def _is_gguf(path: Path) -> bool:

@@ -143,7 +143,10 @@ def load_gguf(path: str | os.PathLike) -> SourceModel:
     if arch == "llama":
         config["tie_word_embeddings"] = "lm_head.weight" not in weights
     tokenizer = tokenizer_from_gguf(reader)
-    return SourceModel(arch, config, weights, tokenizer, path, stored, {"format": "gguf"})
+    tok_fields = {k: v for k, v in reader.fields.items() if k.startswith("tokenizer.")}
+    return SourceModel(
+        arch, config, weights, tokenizer, path, stored, {"format": "gguf", "tokenizer_fields": tok_fields}
+    )
 
 
 _HF_ARCH = {"llama": "llama", "mistral": "llama", "gemma3_text": "gemma3", "gemma3": "gemma3"}
