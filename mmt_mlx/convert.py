@@ -25,11 +25,11 @@ from mmt_mlx.sources import SourceModel
 
 # tau = relative (activation-weighted) squared error per tensor. Measured perplexities are in the README.
 PRESETS = {
-    "near-lossless": 2e-4,
-    "high": 1e-3,
-    "default": 4e-3,
-    "small": 1.5e-2,
-    "smallest": 5e-2,
+    "near-lossless": 1e-4,
+    "high": 4e-4,
+    "default": 1e-3,
+    "small": 4e-3,
+    "smallest": 1.5e-2,
 }
 DEFAULT_PRESET = "default"
 CALIBRATION_TOKENS = 1024
