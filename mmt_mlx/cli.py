@@ -151,7 +151,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     if not 0 < a.port < 65536:
         raise MmtError("--port must be in 1..65535")
-    serve(a.model, host=a.host, port=a.port, api_key=a.api_key or os.environ.get("MMT_API_KEY"))
+    if a.max_queue < 1:
+        raise MmtError("--max-queue must be at least 1")
+    serve(a.model, host=a.host, port=a.port, api_key=a.api_key or os.environ.get("MMT_API_KEY"), max_queue=a.max_queue)
     return 0
 
 
@@ -197,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8080)
     s.add_argument("--api-key", default=None, help="require this Bearer key (or set MMT_API_KEY)")
+    s.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond this get HTTP 429")
     s.set_defaults(func=cmd_serve)
     return parser
 

@@ -99,10 +99,10 @@ def load_model(model: str | None = None, *, dense: bool = False, progress: bool 
 
 def builtin_fgs_path(name: str, progress: bool = True) -> Path:
     """The cached FGS conversion of a built-in model at the default preset, made on first use."""
-    from mmt_mlx.convert import DEFAULT_PRESET, convert
+    from mmt_mlx.convert import DEFAULT_PRESET, PRESETS, convert
     from mmt_mlx.fgs.format import FORMAT_VERSION
 
-    out = cache_dir() / "fgs" / f"{name}-{DEFAULT_PRESET}-v{FORMAT_VERSION}"
+    out = cache_dir() / "fgs" / f"{name}-{DEFAULT_PRESET}-tau{PRESETS[DEFAULT_PRESET]:g}-v{FORMAT_VERSION}"
     if not is_fgs_dir(out):
         print(f"converting {name} to FGS codes (preset {DEFAULT_PRESET}); this happens once", file=sys.stderr)
         convert(_read_source(builtin_path(name)), out, preset=DEFAULT_PRESET, progress=progress,

@@ -84,11 +84,11 @@ class Sampler:
             threshold = mx.max(logits) + mx.log(mx.array(p.min_p))
             logits = mx.where(logits < threshold, -mx.inf, logits)
         if p.top_p < 1.0:
-            order = mx.argsort(-logits)
-            probs = mx.softmax(logits[order])
-            before = mx.cumsum(probs) - probs  # mass strictly above each token: keep while < top_p
-            keep = before < p.top_p
-            masked = mx.where(keep, logits[order], -mx.inf)
-            logits = mx.zeros_like(logits).at[order].add(masked)
+            # keep the smallest set of best tokens whose mass reaches top_p: a threshold, no scatter
+            ordered = mx.sort(logits)[::-1]
+            probs = mx.softmax(ordered)
+            before = mx.cumsum(probs) - probs  # mass strictly above each token
+            cutoff = mx.min(mx.where(before < p.top_p, ordered, mx.inf))
+            logits = mx.where(logits < cutoff, -mx.inf, logits)
         self.key, sub = mx.random.split(self.key)
         return mx.random.categorical(logits, key=sub).astype(mx.int32)

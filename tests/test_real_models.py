@@ -41,3 +41,25 @@ def test_default_model_answers_a_chat_prompt():
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
     out = generate(lm, prompt, 40, sampling=SamplingParams(temperature=0.0))
     assert "Paris" in out
+
+
+@pytest.fixture(scope="module", params=sorted(LLAMA_CPP_PPL))
+def fgs_model(request, tmp_path_factory):
+    # A fresh cache: the built-in is converted at the default preset on first use, as a new user sees it.
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MMT_CACHE", str(tmp_path_factory.mktemp("cache")))
+    try:
+        yield load_model(request.param, progress=False)
+    finally:
+        mp.undo()
+
+
+@pytest.mark.slow
+def test_default_preset_keeps_quality_and_size(fgs_model):
+    lm = fgs_model
+    assert lm.info["format"] == "fgs"
+    assert lm.info["stored_bytes"] <= lm.info["source_bytes"]  # no more than the source GGUF's weights
+    ids = lm.tokenizer.encode(alice_text(), add_bos=False)
+    r = perplexity(lm.model, ids, lm.tokenizer.bos_id, ctx=512, chunks=8)
+    ref = LLAMA_CPP_PPL[lm.name]
+    assert r.ppl < ref * 1.05, f"{lm.name}: FGS ppl {r.ppl:.3f} vs source {ref}"
