@@ -128,7 +128,9 @@ def cmd_convert(a: argparse.Namespace) -> int:
         raise MmtError(f"unknown preset {a.preset!r}: choose one of {', '.join(PRESETS)}")
     allowed = frozenset(x.strip() for x in a.levels.split(",")) if a.levels else KINDS
     if not allowed <= KINDS or "quant" not in allowed:
-        raise MmtError(f"--levels must name some of {', '.join(sorted(KINDS))}, including quant (the overflow level)")
+        raise MmtError(
+            f"--levels must name some of {', '.join(sorted(KINDS))}, including quant (the overflow level)"
+        )
     out = Path(a.output)
     if out.exists() and not a.force:
         raise MmtError(f"{out} already exists (use --force to replace an FGS model there)")
@@ -153,7 +155,13 @@ def cmd_serve(a: argparse.Namespace) -> int:
         raise MmtError("--port must be in 1..65535")
     if a.max_queue < 1:
         raise MmtError("--max-queue must be at least 1")
-    serve(a.model, host=a.host, port=a.port, api_key=a.api_key or os.environ.get("MMT_API_KEY"), max_queue=a.max_queue)
+    serve(
+        a.model,
+        host=a.host,
+        port=a.port,
+        api_key=a.api_key or os.environ.get("MMT_API_KEY"),
+        max_queue=a.max_queue,
+    )
     return 0
 
 
@@ -187,8 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, help="output directory")
     c.add_argument("--tau", type=float, default=None, help="relative error target per tensor")
     c.add_argument("--preset", default=None, help="near-lossless, high, default, small, smallest")
-    c.add_argument("--levels", default=None, help="allowed levels, e.g. quant,gaussian,circulant,meta (default all)")
-    c.add_argument("--no-calibrate", action="store_true", help="plain weight error instead of activation-weighted")
+    c.add_argument(
+        "--levels", default=None, help="allowed levels, e.g. quant,gaussian,circulant,meta (default all)"
+    )
+    c.add_argument(
+        "--no-calibrate", action="store_true", help="plain weight error instead of activation-weighted"
+    )
     c.add_argument("--no-eval", action="store_true", help="skip the held-out perplexity check")
     c.add_argument("--force", action="store_true", help="replace an existing FGS model at the output")
     c.add_argument("--json", action="store_true", help="print the report as one JSON object")

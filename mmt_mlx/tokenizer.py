@@ -249,7 +249,9 @@ def _gguf_bpe(meta: dict[str, Any], tokens: list[str]) -> Any:
     if pre == "smollm":  # llama.cpp splits every digit (\p{N}) off before the GPT-2 regex
         byte_level = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     elif pre not in ("default", "gpt2"):
-        warnings.warn(f"GGUF pre-tokenizer {pre!r} approximated by GPT-2's: ids may differ from llama.cpp", stacklevel=2)
+        warnings.warn(
+            f"GGUF pre-tokenizer {pre!r} approximated by GPT-2's: ids may differ from llama.cpp", stacklevel=2
+        )
     hf.pre_tokenizer = byte_level
     return hf
 

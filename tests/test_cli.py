@@ -18,10 +18,14 @@ def run(capsys, *argv):
 
 def test_generate_streams_and_reports_speed(capsys, tiny_gguf):
     path, _ = tiny_gguf["llama"]
-    code, out, err = run(capsys, "generate", "-m", path, "-n", "12", "--seed", "3", "--temp", "0.8", "Once upon")
+    code, out, err = run(
+        capsys, "generate", "-m", path, "-n", "12", "--seed", "3", "--temp", "0.8", "Once upon"
+    )
     assert code == 0 and out.strip()
     assert "prompt:" in err and "tok/s" in err and "decode: 12 tokens" in err
-    code2, out2, _ = run(capsys, "generate", "-m", path, "-n", "12", "--seed", "3", "--temp", "0.8", "Once upon")
+    code2, out2, _ = run(
+        capsys, "generate", "-m", path, "-n", "12", "--seed", "3", "--temp", "0.8", "Once upon"
+    )
     assert out2 == out  # same seed, same text
 
 
@@ -35,7 +39,9 @@ def test_chat_generation_uses_template(capsys, tiny_gguf):
 
 def test_eval_ppl_json(capsys, tiny_gguf):
     path, _ = tiny_gguf["gemma3"]
-    code, out, _ = run(capsys, "eval", "ppl", "-m", path, "--text", ALICE, "--ctx", "64", "--chunks", "2", "--json")
+    code, out, _ = run(
+        capsys, "eval", "ppl", "-m", path, "--text", ALICE, "--ctx", "64", "--chunks", "2", "--json"
+    )
     assert code == 0
     report = json.loads(out)
     assert report["tokens"] == 2 * 63 and report["ppl"] > 1

@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 import pytest
 
 from mmt_mlx.cli import main
@@ -33,13 +32,17 @@ def test_report_and_stored_bytes(converted):
     assert set(raw) == {k for k, v in src.weights.items() if v.ndim == 1}
     stored = sum(a.nbytes for tc in codes.values() for lv in tc.levels for a in _arrays(lv))
     assert report["coded_bytes"] == stored
-    for name, tc in codes.items():
+    for _name, tc in codes.items():
         assert tc.errors[-1] <= 2e-3  # every tensor meets its target (activation-weighted error)
     assert report["bits_per_weight"] < 16
 
 
 def _arrays(level):
-    fields = {"quant": ("wq", "scales", "biases"), "circulant": ("spec_re", "spec_im"), "gaussian": ("mu", "sidx", "perm")}
+    fields = {
+        "quant": ("wq", "scales", "biases"),
+        "circulant": ("spec_re", "spec_im"),
+        "gaussian": ("mu", "sidx", "perm"),
+    }
     out = [getattr(level, f) for f in fields[level.kind] if getattr(level, f) is not None]
     if level.kind == "gaussian":
         amp = level.amp
@@ -52,7 +55,9 @@ def test_on_the_fly_equals_reference_decode(converted):
     lm = load_fgs(out, "fgs")
     _, codes, raw = fgs_format.load_fgs_model(out)
     ref = build_model(src.arch, src.config)
-    weights = {k: mx.array(decode_tensor(tc)) for k, tc in codes.items()} | {k: mx.array(v) for k, v in raw.items()}
+    weights = {k: mx.array(decode_tensor(tc)) for k, tc in codes.items()} | {
+        k: mx.array(v) for k, v in raw.items()
+    }
     ref.load_weights(list(weights.items()))
     ids = lm.tokenizer.encode(ALICE.read_text(encoding="utf-8", errors="replace")[:6000], add_bos=False)
     p_fly = perplexity(lm.model, ids, lm.tokenizer.bos_id, ctx=64, chunks=4).ppl
