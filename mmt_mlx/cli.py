@@ -8,7 +8,9 @@ import os
 import sys
 from pathlib import Path
 
+from mmt_mlx.bench import add_bench_parser
 from mmt_mlx.errors import MmtError
+from mmt_mlx.evals import add_eval_parsers
 from mmt_mlx.registry import BUILTINS, DEFAULT_MODEL
 
 MODEL_HELP = (
@@ -189,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--chunks", type=int, default=8, help="0 = every whole chunk of the text")
     ppl.add_argument("--json", action="store_true")
     ppl.set_defaults(func=cmd_eval_ppl)
+    add_eval_parsers(esub)  # kl, frontier
 
     c = sub.add_parser("convert", help="encode a model as FGS codes (an FGS model directory)")
     c.add_argument("source", help=MODEL_HELP)
@@ -213,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=None, help="require this Bearer key (or set MMT_API_KEY)")
     s.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond this get HTTP 429")
     s.set_defaults(func=cmd_serve)
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The benchmark and frontier runs behind bench/results/ (minutes each on 2 cores; run on a quiet machine).
+# Usage: bash bench/run_all.sh [bench|frontier|all]   (from the repository root, venv active)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=bench/results
+TEXT=tests/fixtures/alice29.txt
+mkdir -p "$OUT"
+
+# `mmt bench` / `mmt eval kl|frontier` once cli.py registers them; the same parsers directly until then.
+run_mmt() {
+  if mmt bench --help >/dev/null 2>&1; then
+    mmt "$@"
+  else
+    python -c '
+import argparse, sys
+from mmt_mlx.bench import add_bench_parser
+from mmt_mlx.errors import MmtError
+from mmt_mlx.evals import add_eval_parsers
+p = argparse.ArgumentParser(prog="mmt")
+s = p.add_subparsers(dest="command", required=True)
+add_bench_parser(s)
+add_eval_parsers(s.add_parser("eval").add_subparsers(dest="eval_command", required=True))
+a = p.parse_args()
+try:
+    sys.exit(a.func(a))
+except MmtError as e:
+    sys.exit(f"error: {e}")
+' "$@"
+  fi
+}
+
+what=${1:-all}
+if [[ $what == bench || $what == all ]]; then
+  for m in smollm2-135m-instruct gemma3-270m; do
+    run_mmt bench -m "$m" -p 256 -g 64 -r 3 --json "$OUT/bench-$m.json" --plot "$OUT/bench-$m.png" \
+      | tee "$OUT/bench-$m.txt"
+  done
+fi
+if [[ $what == frontier || $what == all ]]; then
+  for m in smollm2-135m-instruct gemma3-270m; do
+    run_mmt eval frontier -m "$m" --text "$TEXT" --start "Alice was beginning" --ctx 512 --chunks 8 \
+      --presets "${PRESETS:-high,default,small,smallest}" --bits 2,3,4,8 --out "$OUT/frontier-$m.png" --json \
+      > "$OUT/frontier-$m.json"
+  done
+  for m in smollm2-135m-instruct gemma3-270m; do
+    run_mmt eval kl -m "$m" --text "$TEXT" --start "Alice was beginning" --ctx 512 --chunks 4 --json \
+      > "$OUT/kl-$m.json"
+  done
+fi
