@@ -7,28 +7,7 @@ OUT=bench/results
 TEXT=tests/fixtures/alice29.txt
 mkdir -p "$OUT"
 
-# `mmt bench` / `mmt eval kl|frontier` once cli.py registers them; the same parsers directly until then.
-run_mmt() {
-  if mmt bench --help >/dev/null 2>&1; then
-    mmt "$@"
-  else
-    python -c '
-import argparse, sys
-from mmt_mlx.bench import add_bench_parser
-from mmt_mlx.errors import MmtError
-from mmt_mlx.evals import add_eval_parsers
-p = argparse.ArgumentParser(prog="mmt")
-s = p.add_subparsers(dest="command", required=True)
-add_bench_parser(s)
-add_eval_parsers(s.add_parser("eval").add_subparsers(dest="eval_command", required=True))
-a = p.parse_args()
-try:
-    sys.exit(a.func(a))
-except MmtError as e:
-    sys.exit(f"error: {e}")
-' "$@"
-  fi
-}
+run_mmt() { mmt "$@"; }
 
 what=${1:-all}
 if [[ $what == bench || $what == all ]]; then
