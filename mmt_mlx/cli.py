@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mmt_mlx.bench import add_bench_parser
 from mmt_mlx.errors import MmtError
-from mmt_mlx.evals import add_eval_parsers
+from mmt_mlx.evals import add_eval_parsers, read_text
 from mmt_mlx.registry import BUILTINS, DEFAULT_MODEL
 
 MODEL_HELP = (
@@ -74,27 +74,11 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
-def _read_text(path: str, start: str | None) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read()
-    except OSError as e:
-        raise MmtError(f"cannot read text file {path}: {e.strerror}") from None
-    if start:
-        i = text.find(start)
-        if i < 0:
-            raise MmtError(f"{path}: start marker {start!r} not found")
-        text = text[i:]
-    if not text.strip():
-        raise MmtError(f"{path}: the text is empty")
-    return text
-
-
 def cmd_eval_ppl(a: argparse.Namespace) -> int:
     from mmt_mlx.loader import load_model
     from mmt_mlx.perplexity import perplexity
 
-    text = _read_text(a.text, a.start)
+    text = read_text(a.text, a.start)
     if a.ctx < 2 or a.chunks < 0:
         raise MmtError("--ctx must be >= 2 and --chunks >= 0")
     lm = load_model(a.model, dense=a.dense)
