@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark and frontier runs behind bench/results/ (minutes each on 2 cores; run on a quiet machine).
-# Usage: bash bench/run_all.sh [bench|frontier|all]   (from the repository root, venv active)
+# Usage: bash bench/run_all.sh [bench|frontier|convert|all]   (from the repository root, venv active)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=bench/results
@@ -25,5 +25,13 @@ if [[ $what == frontier || $what == all ]]; then
   for m in smollm2-135m-instruct gemma3-270m; do
     run_mmt eval kl -m "$m" --text "$TEXT" --start "Alice was beginning" --ctx 512 --chunks 4 --json \
       > "$OUT/kl-$m.json"
+  done
+fi
+if [[ $what == convert || $what == all ]]; then
+  # conversion time at the default preset (the report's "seconds"; budget: 3 min SmolLM2, 6 min Gemma on 2 cores)
+  for m in smollm2-135m-instruct gemma3-270m; do
+    tmp=$(mktemp -d)
+    run_mmt convert "$m" -o "$tmp/fgs" --preset default --json > "$OUT/convert-$m.json"
+    rm -rf "$tmp"
   done
 fi
