@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark and frontier runs behind bench/results/ (minutes each on 2 cores; run on a quiet machine).
-# Usage: bash bench/run_all.sh [bench|frontier|convert|all]   (from the repository root, venv active)
+# Usage: bash bench/run_all.sh [bench|frontier|convert|grid|all]   (from the repository root, venv active)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=bench/results
@@ -34,4 +34,8 @@ if [[ $what == convert || $what == all ]]; then
     run_mmt convert "$m" -o "$tmp/fgs" --preset default --json > "$OUT/convert-$m.json"
     rm -rf "$tmp"
   done
+fi
+if [[ $what == grid || $what == all ]]; then
+  # the rounding grid of a uniform 3-bit g64 quantization against perplexity (README: "Below 4 bits")
+  python bench/quant_grid.py -m smollm2-135m-instruct --bits 3 --group 64 --json > "$OUT/quant-grid-smollm2-135m-instruct.json"
 fi
