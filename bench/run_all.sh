@@ -19,7 +19,7 @@ fi
 if [[ $what == frontier || $what == all ]]; then
   for m in smollm2-135m-instruct gemma3-270m; do
     run_mmt eval frontier -m "$m" --text "$TEXT" --start "Alice was beginning" --ctx 512 --chunks 8 \
-      --presets "${PRESETS:-high,default,small,smallest}" --bits 2,3,4,8 --out "$OUT/frontier-$m.png" --json \
+      --presets "${PRESETS:-high,default,small,smallest,tiny}" --bits 2,3,4,8 --out "$OUT/frontier-$m.png" --json \
       > "$OUT/frontier-$m.json"
   done
   for m in smollm2-135m-instruct gemma3-270m; do

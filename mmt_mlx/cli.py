@@ -122,7 +122,8 @@ def cmd_convert(a: argparse.Namespace) -> int:
         raise MmtError(f"{out} already exists (use --force to replace an FGS model there)")
     name, src = load_source(a.source)
     report = convert(src, out, tau=a.tau, preset=a.preset, calibrate=not a.no_calibrate, allowed=allowed,
-                     overwrite=a.force, progress=not a.json, source_name=name)  # fmt: skip
+                     overwrite=a.force, progress=not a.json, source_name=name,
+                     grid_search=True if a.grid_search else None)  # fmt: skip
     if not a.no_eval:  # a ratio is never reported without the perplexity measured at it
         report["heldout_ppl_source"] = heldout_perplexity(model_from_source(src, name))
         report["heldout_ppl"] = heldout_perplexity(load_fgs(out, out.name))
@@ -181,12 +182,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("source", help=MODEL_HELP)
     c.add_argument("-o", "--output", required=True, help="output directory")
     c.add_argument("--tau", type=float, default=None, help="relative error target per tensor")
-    c.add_argument("--preset", default=None, help="near-lossless, high, default, small, smallest")
+    c.add_argument("--preset", default=None, help="near-lossless, high, default, small, smallest, tiny")
     c.add_argument(
         "--levels", default=None, help="allowed levels, e.g. quant,gaussian,circulant,meta (default all)"
     )
     c.add_argument(
         "--no-calibrate", action="store_true", help="plain weight error instead of activation-weighted"
+    )
+    c.add_argument(
+        "--grid-search",
+        action="store_true",
+        help="search each quant group's grid (the tiny preset always does)",
     )
     c.add_argument("--no-eval", action="store_true", help="skip the held-out perplexity check")
     c.add_argument("--force", action="store_true", help="replace an existing FGS model at the output")

@@ -30,7 +30,11 @@ PRESETS = {
     "default": 1e-3,
     "small": 4e-3,
     "smallest": 1.5e-2,
+    "tiny": 3e-2,
 }
+# presets whose quant levels search each group's grid (below 4 bits min/max loses too much; README). The others
+# keep min/max, which reproduces Q4_1-style sources exactly.
+GRID_SEARCH_PRESETS = frozenset({"tiny"})
 DEFAULT_PRESET = "default"
 CALIBRATION_TOKENS = 1024
 
@@ -120,6 +124,7 @@ def convert(
     overwrite: bool = False,
     progress: bool = True,
     source_name: str = "",
+    grid_search: bool | None = None,
 ) -> dict:
     """Plan and encode every 2-D weight of ``src``; write the FGS model; return the report."""
     if tau is None:
@@ -128,6 +133,8 @@ def convert(
         tau = PRESETS[preset or DEFAULT_PRESET]
     if not 0 < tau < 1:
         raise MmtError("--tau must be in (0, 1)")
+    if grid_search is None:
+        grid_search = preset in GRID_SEARCH_PRESETS
     t0 = time.perf_counter()
     weights_by_col: dict[str, np.ndarray] = {}
     if calibrate:
@@ -146,8 +153,9 @@ def convert(
     bar = tqdm(matrices.items(), desc="encoding", unit="tensor", disable=not progress, leave=False)
     for name, w in bar:
         bar.set_postfix_str(name, refresh=False)
-        codes[name] = plan_tensor(w, tau, weights_by_col.get(name), allowed)
+        codes[name] = plan_tensor(w, tau, weights_by_col.get(name), allowed, grid_search=grid_search)
     report = build_report(src, codes, raw, tau, preset, time.perf_counter() - t0, t_cal, source_name)
+    report["grid_search"] = grid_search
     tok, tok_files = _tokenizer_record(src)
     save_fgs_model(
         out, arch=src.arch, config=src.config, codes=codes, raw=raw, tokenizer=tok, tokenizer_files=tok_files,

@@ -26,7 +26,7 @@ from mmt_mlx.errors import MmtError
 from mmt_mlx.perplexity import chunk_tokens, perplexity
 from mmt_mlx.sources import SourceModel
 
-DEFAULT_FRONTIER_PRESETS = ("high", "default", "small", "smallest")
+DEFAULT_FRONTIER_PRESETS = ("high", "default", "small", "smallest", "tiny")
 
 
 def _module(m) -> nn.Module:

@@ -75,6 +75,27 @@ def test_quant_on_grid_is_exact(bits: int) -> None:
     )
 
 
+@pytest.mark.parametrize("bits", (2, 3, 4))
+def test_grid_search_beats_min_max_and_keeps_exact_grids(bits: int) -> None:
+    rng = np.random.default_rng(10 + bits)
+    w = rng.standard_normal((64, 256)).astype(np.float32)
+    w[:, 7] *= 8  # an outlier column: min/max wastes most of its groups' grid on it
+    cw = rng.uniform(0.2, 2.0, 256).astype(np.float32)
+    for g in (32, 64):
+        plain = Q.quant_error_sq(w, bits, g, cw)
+        searched = Q.quant_error_sq(w, bits, g, cw, search=True)
+        assert searched < 0.97 * plain
+        c = Q.quantize(w, bits, g, cw, search=True)
+        d = (w - Q.dequantize(c)) * cw
+        assert abs(float((d * d).sum()) - searched) <= 1e-4 * searched  # the code decodes to what was scored
+        assert code_nbytes(c) == Q.quant_nbytes(64, 256, bits, g)  # same layout, same bytes
+    # a matrix already on a min/max grid stays exact: the search keeps shrink 1.0 where it is best
+    q = rng.integers(0, 2**bits, (8, 64))
+    q[:, ::32], q[:, 1::32] = 0, 2**bits - 1
+    on_grid = (q.reshape(8, 2, 32) * 0.0625 - 0.5).reshape(8, 64).astype(np.float32)
+    np.testing.assert_array_equal(Q.dequantize(Q.quantize(on_grid, bits, 32, search=True)), on_grid)
+
+
 # ---------------- gaussian ----------------
 
 
@@ -177,6 +198,19 @@ def test_planner_col_weight() -> None:
     tc = plan_tensor(w, 1e-2, col_weight=cw)
     d = (w - decode_tensor(tc)) * cw
     assert (d**2).sum() / ((w * cw) ** 2).sum() <= 1e-2
+
+
+def test_planner_grid_search_meets_tau_in_fewer_bytes() -> None:
+    rng = np.random.default_rng(9)
+    w = (rng.standard_normal((256, 256)) * rng.uniform(0.5, 2.0, 256)).astype(np.float32)
+    w[:, ::37] *= 6  # outlier columns, as real weights have
+    cw = rng.uniform(0.2, 2.0, 256).astype(np.float32)
+    tau = 3e-2
+    plain = plan_tensor(w, tau, col_weight=cw, allowed={"quant"})
+    searched = plan_tensor(w, tau, col_weight=cw, allowed={"quant"}, grid_search=True)
+    d = (w - decode_tensor(searched)) * cw
+    assert (d**2).sum() / ((w * cw) ** 2).sum() <= tau
+    assert sum(code_nbytes(lv) for lv in searched.levels) < sum(code_nbytes(lv) for lv in plain.levels)
 
 
 # ---------------- real weights ----------------

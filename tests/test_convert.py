@@ -114,6 +114,12 @@ def test_cli_convert_json_and_errors(tiny_gguf, tmp_path, capsys):
     assert main(["convert", path, "-o", str(out), "--preset", "small", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["arch"] == "gemma3" and report["heldout_ppl"] > 1 and report["stored_bytes"] > 0
+    assert report["grid_search"] is False and report["preset"] == "small"
+    # the tiny preset searches each quant group's grid, and stores fewer bytes than small
+    assert main(["convert", path, "-o", str(tmp_path / "t"), "--preset", "tiny", "--json", "--no-eval"]) == 0
+    tiny = json.loads(capsys.readouterr().out)
+    assert tiny["grid_search"] is True and tiny["tau"] == 3e-2
+    assert tiny["stored_bytes"] < report["stored_bytes"]
     assert main(["convert", path, "-o", str(out)]) == 1
     assert "already exists" in capsys.readouterr().err
     assert main(["convert", path, "-o", str(tmp_path / "x"), "--preset", "huge"]) == 1

@@ -79,23 +79,32 @@ def quant_configs(rows: int, cols: int, bits=Q.SUPPORTED_BITS, groups=Q.SUPPORTE
 class _Screen:
     """Row-sample estimates of the quant overflow for a given residual (lazy, cheapest config first)."""
 
-    def __init__(self, rows: int, cols: int, configs: list[tuple], w: np.ndarray | None, den: float):
+    def __init__(
+        self,
+        rows: int,
+        cols: int,
+        configs: list[tuple],
+        w: np.ndarray | None,
+        den: float,
+        search: bool = False,
+    ):
         self.rows, self.cols, self.configs, self.w, self.den = rows, cols, configs, w, den
+        self.search = search
 
     def errors(self, res: np.ndarray) -> list[float]:
-        return [Q.quant_error_sq(res, b, g, self.w) / self.den for b, g in self.configs]
+        return [Q.quant_error_sq(res, b, g, self.w, self.search) / self.den for b, g in self.configs]
 
     def cheapest(self, res: np.ndarray, budget: float, depth: int = 3) -> tuple[tuple | None, int]:
         """Cheapest config whose sampled error <= budget, and the full-matrix bytes of the overflow."""
         for b, g in self.configs:
-            if Q.quant_error_sq(res, b, g, self.w) / self.den <= budget:
+            if Q.quant_error_sq(res, b, g, self.w, self.search) / self.den <= budget:
                 return (b, g), Q.quant_nbytes(self.rows, self.cols, b, g)
         # nothing reaches tau in one level: the best config, then more levels on what it leaves
         b, g = self.configs[-1]
         nb = Q.quant_nbytes(self.rows, self.cols, b, g)
         if depth <= 1:
             return None, 2 * nb
-        rest = res - Q.dequantize(Q.quantize(res, b, g))
+        rest = res - Q.dequantize(Q.quantize(res, b, g, self.w, self.search))
         return None, nb + self.cheapest(rest, budget, depth - 1)[1]
 
 
@@ -131,8 +140,11 @@ def plan_tensor(
     meta_errs: tuple[float, ...] = (0.02, 0.1),
     max_quant_levels: int = 4,
     seed: int = 0,
+    grid_search: bool = False,
 ) -> TensorCode:
-    """Levels for W meeting error <= tau (weighted by col_weight) with the fewest bytes found."""
+    """Levels for W meeting error <= tau (weighted by col_weight) with the fewest bytes found.
+
+    ``grid_search``: quant levels search each group's grid (see ``quant``) instead of taking min/max."""
     W = np.asarray(W, dtype=np.float32)
     if W.ndim != 2:
         raise ValueError("plan_tensor takes a 2-D matrix")
@@ -153,7 +165,7 @@ def plan_tensor(
     idx = _sample(rows, sample_rows, blk, rng)
     exact = len(idx) == rows
     Ws = W[idx]
-    scr = _Screen(rows, cols, configs, cw, max(_wsq(Ws, cw), 1e-300))
+    scr = _Screen(rows, cols, configs, cw, max(_wsq(Ws, cw), 1e-300), grid_search)
     budget = tau if exact else tau * _MARGIN
     _, best_bytes = scr.cheapest(Ws, budget)
     best: tuple[str, dict] = ("quant", {})
@@ -185,7 +197,7 @@ def plan_tensor(
                         # realistic check on the small pre-sample first, the full sample only if it wins
                         for sub in (pre, Ws):
                             lv = _build_structured(kind, p, sub, cw)
-                            sc = _Screen(rows, cols, configs, cw, max(_wsq(sub, cw), 1e-300))
+                            sc = _Screen(rows, cols, configs, cw, max(_wsq(sub, cw), 1e-300), grid_search)
                             _, qb = sc.cheapest(sub - decode_level(lv), budget)
                             fixed = perm.nbytes if perm is not None else 0  # perm does not scale with rows
                             total = int((code_nbytes(lv) - fixed) * rows / len(sub) + fixed + qb)
@@ -237,12 +249,12 @@ def _overflow(
         sub = res if exact else res[idx]
         start = len(configs) - 1
         for i, (b, g) in enumerate(configs):
-            if Q.quant_error_sq(sub, b, g, cw) / scr.den <= budget:
+            if Q.quant_error_sq(sub, b, g, cw, scr.search) / scr.den <= budget:
                 start = i
                 break
         chosen = None
         for b, g in configs[start:]:
-            code = Q.quantize(res, b, g)
+            code = Q.quantize(res, b, g, cw, scr.search)
             new = res - Q.dequantize(code)
             err = _wsq(new, cw) / den_full
             chosen = (code, new, err)
