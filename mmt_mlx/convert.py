@@ -32,9 +32,10 @@ PRESETS = {
     "smallest": 1.5e-2,
     "tiny": 3e-2,
 }
-# presets whose quant levels search each group's grid (below 4 bits min/max loses too much; README). The others
-# keep min/max, which reproduces Q4_1-style sources exactly.
-GRID_SEARCH_PRESETS = frozenset({"tiny"})
+# planner options of the presets below 4 bits: each quant group's grid is searched (min/max loses too much there)
+# and 2-bit codes are ruled out (they cost far more perplexity than they save; README). The other presets keep
+# min/max, which reproduces Q4_1-style sources exactly.
+PRESET_OPTIONS = {"tiny": {"grid_search": True, "bits": (3, 4, 5, 6, 8)}}
 DEFAULT_PRESET = "default"
 CALIBRATION_TOKENS = 1024
 
@@ -133,8 +134,9 @@ def convert(
         tau = PRESETS[preset or DEFAULT_PRESET]
     if not 0 < tau < 1:
         raise MmtError("--tau must be in (0, 1)")
-    if grid_search is None:
-        grid_search = preset in GRID_SEARCH_PRESETS
+    options = dict(PRESET_OPTIONS.get(preset or "", {}))
+    if grid_search is not None:
+        options["grid_search"] = grid_search
     t0 = time.perf_counter()
     weights_by_col: dict[str, np.ndarray] = {}
     if calibrate:
@@ -153,9 +155,9 @@ def convert(
     bar = tqdm(matrices.items(), desc="encoding", unit="tensor", disable=not progress, leave=False)
     for name, w in bar:
         bar.set_postfix_str(name, refresh=False)
-        codes[name] = plan_tensor(w, tau, weights_by_col.get(name), allowed, grid_search=grid_search)
+        codes[name] = plan_tensor(w, tau, weights_by_col.get(name), allowed, **options)
     report = build_report(src, codes, raw, tau, preset, time.perf_counter() - t0, t_cal, source_name)
-    report["grid_search"] = grid_search
+    report["grid_search"] = bool(options.get("grid_search", False))
     tok, tok_files = _tokenizer_record(src)
     save_fgs_model(
         out, arch=src.arch, config=src.config, codes=codes, raw=raw, tokenizer=tok, tokenizer_files=tok_files,
