@@ -120,7 +120,9 @@ def test_cli_convert_json_and_errors(tiny_gguf, tmp_path, capsys):
     tiny = json.loads(capsys.readouterr().out)
     assert tiny["grid_search"] is True and tiny["tau"] == 3e-2
     assert tiny["stored_bytes"] < report["stored_bytes"]
-    assert not any(k.startswith("q2") for c in tiny["classes"].values() for k in c["levels"])  # no 2-bit codes
+    assert not any(
+        k.startswith("q2") for c in tiny["classes"].values() for k in c["levels"]
+    )  # no 2-bit codes
     assert main(["convert", path, "-o", str(out)]) == 1
     assert "already exists" in capsys.readouterr().err
     assert main(["convert", path, "-o", str(tmp_path / "x"), "--preset", "huge"]) == 1
