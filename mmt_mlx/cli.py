@@ -11,6 +11,7 @@ from pathlib import Path
 from mmt_mlx.bench import add_bench_parser
 from mmt_mlx.errors import MmtError
 from mmt_mlx.evals import add_eval_parsers, read_text
+from mmt_mlx.info import add_info_parser
 from mmt_mlx.registry import BUILTINS, DEFAULT_MODEL
 
 MODEL_HELP = (
@@ -208,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     add_bench_parser(sub)
+    add_info_parser(sub)
     return parser
 
 

@@ -121,9 +121,18 @@ def stream_generate(
     if max_tokens == 0:
         yield chunk("", None, None, None, "length")
         return
+    queued: mx.array | None = None  # next step's logits, already computing while this token is handled
     while True:
+        if queued is not None:
+            logits, queued = queued, None
         processed = sampler.process(logits, prompt + generated, generated)
         token_arr = sampler.sample(processed)
+        if not logprobs and len(generated) + 1 < max_tokens:
+            # Overlap: queue the next forward pass on the still-lazy token before the only host sync of this
+            # step (.item() below), as mlx-lm's generate_step does. If this token ends the generation, the
+            # queued step is wasted work on a cache that is dropped.
+            queued = model(token_arr.reshape(1, 1).astype(mx.int32), cache)[0, -1].astype(mx.float32)
+            mx.async_eval(queued)
         lp = top = None
         if logprobs:
             logp = logits - mx.logsumexp(logits)
@@ -154,7 +163,8 @@ def stream_generate(
             yield chunk(text, tid, lp, top, "stop" if hit or cancelled else "length")
             return
         yield chunk(text, tid, lp, top, None)
-        logits = model(mx.array([[tid]]), cache)[0, -1].astype(mx.float32)
+        if queued is None:
+            logits = model(mx.array([[tid]]), cache)[0, -1].astype(mx.float32)
 
 
 def generate(lm: LoadedModel, prompt: str, max_tokens: int = 128, **kwargs) -> str:
