@@ -38,10 +38,12 @@ int default_threads() {
 #endif
 }
 
-// Eight q values starting at value index j (a multiple of 8) of a row: they occupy `bits` bytes.
+// Eight q values starting at value index j (a multiple of 8) of a row: the low 8 * bits bits of one unaligned
+// 8-byte load (a fixed-size memcpy compiles to a single mov). Bytes past the values belong to the next row or,
+// for the last row, to RowReader's padding; the shifts and masks of the callers never use them.
 inline uint64_t load8(const uint8_t* row, int j, int bits) {
-  uint64_t v = 0;
-  std::memcpy(&v, row + (j / 8) * bits, bits);
+  uint64_t v;
+  std::memcpy(&v, row + (j / 8) * bits, 8);
   return v;
 }
 
@@ -110,32 +112,37 @@ __attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
 }
 
 template <int BITS>
-__attribute__((target("avx2,fma"))) float dot_row_avx2(
-    const AffineWeights& w, const uint8_t* row, int r, const float* x, const float* xsum) {
+__attribute__((target("avx2,fma"))) inline __m256 unpack(const uint8_t* row, int j) {
+  if constexpr (BITS == 4) return unpack8_4bit(reinterpret_cast<const uint32_t*>(row), j);
+  return unpack8(row, j, BITS);
+}
+
+// NR rows (1 or 2) at once: they share every load of x; 2 x 2 accumulators per row hide the FMA latency.
+template <int BITS, int NR>
+__attribute__((target("avx2,fma"))) void dot_rows_avx2(
+    const AffineWeights& w, const uint8_t* const* rows, int r, const float* x, const float* xsum, float* out) {
   const int ng = w.cols / w.group;
-  const float* sc = w.scales + size_t(r) * ng;
-  const float* bi = w.biases + size_t(r) * ng;
-  __m256 acc = _mm256_setzero_ps();
-  float bias_part = 0.f;
+  __m256 acc[NR];
+  float bias_part[NR];
+  for (int i = 0; i < NR; ++i) acc[i] = _mm256_setzero_ps(), bias_part[i] = 0.f;
   for (int g = 0; g < ng; ++g) {
-    __m256 d0 = _mm256_setzero_ps(), d1 = _mm256_setzero_ps();
+    __m256 d[NR][2];
+    for (int i = 0; i < NR; ++i) d[i][0] = d[i][1] = _mm256_setzero_ps();
     const int j0 = g * w.group, j1 = j0 + w.group;
     for (int j = j0; j < j1; j += 16) {  // groups are multiples of 32
-      __m256 q0, q1;
-      if constexpr (BITS == 4) {
-        q0 = unpack8_4bit(reinterpret_cast<const uint32_t*>(row), j);
-        q1 = unpack8_4bit(reinterpret_cast<const uint32_t*>(row), j + 8);
-      } else {
-        q0 = unpack8(row, j, BITS);
-        q1 = unpack8(row, j + 8, BITS);
+      const __m256 x0 = _mm256_loadu_ps(x + j), x1 = _mm256_loadu_ps(x + j + 8);
+      for (int i = 0; i < NR; ++i) {
+        d[i][0] = _mm256_fmadd_ps(unpack<BITS>(rows[i], j), x0, d[i][0]);
+        d[i][1] = _mm256_fmadd_ps(unpack<BITS>(rows[i], j + 8), x1, d[i][1]);
       }
-      d0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(x + j), d0);
-      d1 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(x + j + 8), d1);
     }
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(sc[g]), _mm256_add_ps(d0, d1), acc);
-    bias_part += bi[g] * xsum[g];
+    for (int i = 0; i < NR; ++i) {
+      const size_t k = size_t(r + i) * ng + g;
+      acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(w.scales[k]), _mm256_add_ps(d[i][0], d[i][1]), acc[i]);
+      bias_part[i] += w.biases[k] * xsum[g];
+    }
   }
-  return hsum(acc) + bias_part;
+  for (int i = 0; i < NR; ++i) out[i] = hsum(acc[i]) + bias_part[i];
 }
 
 __attribute__((target("avx2,fma"))) void dequant_row_avx2(
@@ -179,22 +186,30 @@ bool use_avx2() {
 #endif
 }
 
-using DotRow = float (*)(const AffineWeights&, const uint8_t*, int, const float*, const float*);
+// Computes rows r and r + 1 (pair) or row r alone; the scalar code does the same row by row.
+using DotRows = void (*)(const AffineWeights&, const uint8_t* const*, int, const float*, const float*, float*);
 
-DotRow pick_dot_row(int bits) {
+template <int NR>
+void dot_rows_scalar(const AffineWeights& w, const uint8_t* const* rows, int r, const float* x, const float* xsum,
+                     float* out) {
+  for (int i = 0; i < NR; ++i) out[i] = dot_row_scalar(w, rows[i], r + i, x, xsum);
+}
+
+template <int NR>
+DotRows pick_dot_rows(int bits) {
 #ifdef MMT_X86
   if (use_avx2()) {
     switch (bits) {
-      case 2: return dot_row_avx2<2>;
-      case 3: return dot_row_avx2<3>;
-      case 4: return dot_row_avx2<4>;
-      case 5: return dot_row_avx2<5>;
-      case 6: return dot_row_avx2<6>;
-      case 8: return dot_row_avx2<8>;
+      case 2: return dot_rows_avx2<2, NR>;
+      case 3: return dot_rows_avx2<3, NR>;
+      case 4: return dot_rows_avx2<4, NR>;
+      case 5: return dot_rows_avx2<5, NR>;
+      case 6: return dot_rows_avx2<6, NR>;
+      case 8: return dot_rows_avx2<8, NR>;
     }
   }
 #endif
-  return dot_row_scalar;
+  return dot_rows_scalar<NR>;
 }
 
 // The last row of the matrix is copied into a padded buffer: load8 may read up to 8 bytes from a chunk of
@@ -220,9 +235,17 @@ void matvec(const AffineWeights& w, const RowReader& rd, const float* x, float* 
     for (int j = g * w.group; j < (g + 1) * w.group; ++j) s += x[j];
     xsum[g] = s;
   }
-  const DotRow dot = pick_dot_row(w.bits);
-#pragma omp parallel for schedule(dynamic, 32) num_threads(nthreads) if (nthreads > 1 && w.rows >= 64)
-  for (int r = 0; r < w.rows; ++r) y[r] = dot(w, rd.row(r), r, x, xsum.data());
+  const DotRows dot2 = pick_dot_rows<2>(w.bits), dot1 = pick_dot_rows<1>(w.bits);
+  const int pairs = w.rows / 2;
+#pragma omp parallel for schedule(dynamic, 16) num_threads(nthreads) if (nthreads > 1 && w.rows >= 64)
+  for (int p = 0; p < pairs; ++p) {
+    const uint8_t* rows[2] = {rd.row(2 * p), rd.row(2 * p + 1)};
+    dot2(w, rows, 2 * p, x, xsum.data(), y + 2 * p);
+  }
+  if (w.rows % 2) {
+    const uint8_t* last[1] = {rd.row(w.rows - 1)};
+    dot1(w, last, w.rows - 1, x, xsum.data(), y + w.rows - 1);
+  }
 }
 
 void matmul_tiles(const AffineWeights& w, const RowReader& rd, const float* x, float* y, int tokens,
