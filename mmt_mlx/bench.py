@@ -25,6 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from mmt_mlx.apple_estimate import DISPATCH_S, count_kernels, decode_tok_s
 from mmt_mlx.errors import MmtError
 
 # (memory bandwidth bytes/s, GPU FP32 peak FLOP/s). Bandwidths from Apple's specs (facts.md); the FLOP/s are
@@ -45,12 +46,16 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
-def apple_estimates(bytes_per_token: float, flops_per_token: float) -> dict[str, dict]:
-    """Predicted decode tok/s per chip: the lower of the bandwidth and compute ceilings (an upper bound:
-    real decode adds kernel launches and reaches a fraction of peak bandwidth)."""
+def apple_estimates(
+    bytes_per_token: float, flops_per_token: float, kernels_per_token: int | None = None
+) -> dict[str, dict]:
+    """Predicted decode tok/s per chip: the lower of the bandwidth and compute ceilings; with
+    ``kernels_per_token`` the bandwidth term includes per-kernel dispatch time (mmt_mlx/apple_estimate.py)."""
     out = {}
     for chip, (bw, peak) in APPLE_CHIPS.items():
         by_bw = bw / bytes_per_token if bytes_per_token > 0 else math.inf
+        if kernels_per_token is not None:
+            by_bw = decode_tok_s(bytes_per_token, bw, kernels_per_token)
         by_flops = peak / flops_per_token if flops_per_token > 0 else math.inf
         out[chip] = {"tok_s": min(by_bw, by_flops), "bound": "bandwidth" if by_bw <= by_flops else "compute",
                      "bandwidth_tok_s": by_bw, "compute_tok_s": by_flops}  # fmt: skip
@@ -66,6 +71,7 @@ def bench_stats(
     bytes_per_token: float,
     flops_per_token: float,
     apple_bytes_per_token: float | None = None,
+    kernels_per_token: int | None = None,
 ) -> dict:
     """Everything derived from the timings (seconds per repetition) and the weight accounting."""
     pp_mean, pp_std = mean_std([prompt_tokens / t for t in pp_times if t > 0])
@@ -79,7 +85,8 @@ def bench_stats(
         "bandwidth_gbs": bytes_per_token * tg_mean / 1e9,  # the weight traffic the measured decode implies
         "flops_per_token": float(flops_per_token),
         "apple_bytes_per_token": float(apple_b),
-        "apple": apple_estimates(apple_b, flops_per_token),
+        "kernels_per_token": kernels_per_token,
+        "apple": apple_estimates(apple_b, flops_per_token, kernels_per_token),
     }
 
 
@@ -192,10 +199,22 @@ def time_mlx(model: nn.Module, vocab: int, p: int, g: int, reps: int) -> tuple[l
         return time.perf_counter() - t0
 
     def tg(n: int) -> float:
-        cache, tok = model.make_cache(), prompt[0]
+        # As generate.stream_generate decodes: the next step is queued on the lazy token (mx.async_eval)
+        # before the host reads the current one, so graph building overlaps computation.
+        cache = model.make_cache()
+
+        def step(tok: mx.array) -> mx.array:
+            return mx.argmax(model(tok, cache)[0, -1]).astype(mx.int32).reshape(1, 1)
+
         t0 = time.perf_counter()
-        for _ in range(n):
-            tok = int(mx.argmax(model(mx.array([[tok]]), cache)[0, -1]).item())
+        nxt = step(mx.array([[prompt[0]]], dtype=mx.int32))
+        mx.async_eval(nxt)
+        for i in range(n):
+            cur = nxt
+            if i + 1 < n:
+                nxt = step(cur)
+                mx.async_eval(nxt)
+            int(cur.item())
         return time.perf_counter() - t0
 
     pp(
@@ -286,8 +305,9 @@ def run_bench(
         log(f"[bench] {label}: pp{prompt_tokens} / tg{gen_tokens} x {reps}")
         pp_t, tg_t, peak = time_mlx(model, vocab, prompt_tokens, gen_tokens, reps)
         w = weight_bytes(model, codes, attention_ctx=gen_tokens // 2)
+        kernels = count_kernels(model)
         v = {"key": key, "label": label, "peak_memory": peak,
-             **bench_stats(pp_t, tg_t, prompt_tokens, gen_tokens, **w)}  # fmt: skip
+             **bench_stats(pp_t, tg_t, prompt_tokens, gen_tokens, kernels_per_token=kernels, **w)}  # fmt: skip
         variants.append(v)
         log(f"[bench] {label}: pp {v['pp']['tok_s']:.1f} tok/s, tg {v['tg']['tok_s']:.2f} tok/s")
         del model, codes
@@ -361,8 +381,9 @@ def format_table(r: dict) -> str:
             f"{peak} | {v['bandwidth_gbs']:.2f} | {est} |"
         )
     lines.append(
-        "Apple estimates: bandwidth / bytes per token at the GPU's layout (dense in bf16), compute ceiling "
-        "from FLOPs per token; upper bounds, every one bandwidth-bound here"
+        "Apple estimates: bytes per token at the GPU's layout (dense in bf16) / bandwidth + kernels per token "
+        f"x {DISPATCH_S * 1e6:.2f} us dispatch (mmt_mlx/apple_estimate.py, MLX rows; llama.cpp row: bandwidth "
+        "only); compute ceiling from FLOPs per token; upper bounds, every one bandwidth-bound here"
         if all(v["apple"][c]["bound"] == "bandwidth" for v in r["variants"] for c in chips)
         else "Apple estimates: min(bandwidth / bytes, peak FLOP/s / FLOPs) per token; upper bounds"
     )
