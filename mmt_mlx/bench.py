@@ -99,8 +99,8 @@ def weight_bytes(model: nn.Module, codes: dict | None = None, attention_ctx: int
     without it their runtime arrays count. FLOPs: 2 per weight of every matrix product (FGS layers at their
     dense shape: the quant level is dense-shaped, the structured levels add less) plus attention at
     ``attention_ctx`` cached positions."""
-    from mmt_mlx.fgs.layers import FGSEmbedding, FGSLinear
-    from mmt_mlx.fgs.planner import tensor_nbytes
+    from mmt_mlx.fgs.codec import tensor_nbytes
+    from mmt_mlx.fgs.runtime.layers import FGSEmbedding, FGSLinear
 
     tied = "lm_head" not in model  # no separate head: the embedding table doubles as the LM head
     stored = per_tok = per_tok_apple = flops = 0.0

@@ -105,7 +105,7 @@ def cmd_eval_ppl(a: argparse.Namespace) -> int:
 
 def cmd_convert(a: argparse.Namespace) -> int:
     from mmt_mlx.convert import PRESETS, convert, format_report, heldout_perplexity
-    from mmt_mlx.fgs.planner import KINDS
+    from mmt_mlx.fgs.encoders.planner import KINDS
     from mmt_mlx.loader import load_fgs, load_source, model_from_source
 
     if a.tau is not None and a.preset is not None:

@@ -18,9 +18,10 @@ import mlx.nn as nn
 import numpy as np
 
 from mmt_mlx.errors import MmtError
+from mmt_mlx.fgs.codec import code_nbytes
 from mmt_mlx.fgs.codes import TensorCode
+from mmt_mlx.fgs.encoders.planner import KINDS, plan_tensor
 from mmt_mlx.fgs.format import save_fgs_model
-from mmt_mlx.fgs.planner import KINDS, code_nbytes, plan_tensor
 from mmt_mlx.sources import SourceModel
 
 # tau = relative (activation-weighted) squared error per tensor. Measured perplexities are in the README.

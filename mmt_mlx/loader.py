@@ -114,7 +114,7 @@ def load_fgs(path: Path, name: str) -> LoadedModel:
     from mlx.utils import tree_unflatten
 
     from mmt_mlx.fgs.format import load_fgs_model
-    from mmt_mlx.fgs.layers import FGSEmbedding, FGSLinear
+    from mmt_mlx.fgs.runtime.layers import FGSEmbedding, FGSLinear
 
     manifest, codes, raw = load_fgs_model(path)
     model = build_model(manifest["arch"], manifest["config"])

@@ -10,7 +10,7 @@ from mmt_mlx.cli import main
 from mmt_mlx.convert import convert
 from mmt_mlx.errors import ModelFormatError
 from mmt_mlx.fgs import format as fgs_format
-from mmt_mlx.fgs.planner import decode_tensor
+from mmt_mlx.fgs.codec import decode_tensor
 from mmt_mlx.loader import build_model, load_fgs, load_model, load_source
 from mmt_mlx.perplexity import perplexity
 
