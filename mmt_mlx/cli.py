@@ -8,9 +8,10 @@ import os
 import sys
 from pathlib import Path
 
-from mmt_mlx.bench import add_bench_parser
+from mmt_mlx.bench.cli import add_bench_parser
 from mmt_mlx.errors import MmtError
-from mmt_mlx.evals import add_eval_parsers, read_text
+from mmt_mlx.evals.cli import add_eval_parsers
+from mmt_mlx.evals.text import read_text
 from mmt_mlx.registry import BUILTINS, DEFAULT_MODEL
 
 MODEL_HELP = (
@@ -104,9 +105,10 @@ def cmd_eval_ppl(a: argparse.Namespace) -> int:
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
+    from mmt_mlx.build import load_fgs, model_from_source
     from mmt_mlx.convert import PRESETS, convert, format_report, heldout_perplexity
     from mmt_mlx.fgs.encoders.planner import KINDS
-    from mmt_mlx.loader import load_fgs, load_source, model_from_source
+    from mmt_mlx.locate import load_source
 
     if a.tau is not None and a.preset is not None:
         raise MmtError("give --tau or --preset, not both")

@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from mmt_mlx.build import model_from_source
 from mmt_mlx.errors import MmtError
 from mmt_mlx.fgs.codec import code_nbytes
 from mmt_mlx.fgs.codes import TensorCode
@@ -141,8 +142,6 @@ def convert(
     t0 = time.perf_counter()
     weights_by_col: dict[str, np.ndarray] = {}
     if calibrate:
-        from mmt_mlx.loader import model_from_source
-
         lm = model_from_source(src, source_name or "source")
         ids = lm.tokenizer.encode(calibration_text(), add_bos=True)[:CALIBRATION_TOKENS]
         weights_by_col = column_weights(lm.model, ids)
