@@ -36,7 +36,11 @@ def build_model(arch: str, config: dict) -> nn.Module:
     module = ARCHITECTURES.get(arch)
     if module is None:
         raise ModelFormatError(f"unsupported architecture {arch!r}")
-    return module.Model(module.ModelArgs(**config))
+    try:
+        args = module.ModelArgs(**config)
+    except TypeError as e:  # a missing or unknown config key
+        raise ModelFormatError(f"config does not fit the {arch} architecture ({e})") from None
+    return module.Model(args)
 
 
 def model_from_source(src: SourceModel, name: str) -> LoadedModel:
@@ -57,13 +61,18 @@ def model_from_source(src: SourceModel, name: str) -> LoadedModel:
 
 
 def load_fgs(path: Path, name: str) -> LoadedModel:
-    from mlx.utils import tree_unflatten
+    from mlx.utils import tree_flatten, tree_unflatten
 
     from mmt_mlx.fgs.format import load_fgs_model
     from mmt_mlx.fgs.runtime.layers import FGSEmbedding, FGSLinear
 
     manifest, codes, raw = load_fgs_model(path)
     model = build_model(manifest["arch"], manifest["config"])
+    missing = {k for k, _ in tree_flatten(model.parameters())} - set(codes) - set(raw)
+    if missing:  # a weight left at its initial value would run, and answer noise
+        raise ModelFormatError(
+            f"{path}: no code or tensor for {len(missing)} weights of the model (first: {min(missing)})"
+        )
     replaced = []
     for mod_name, module in model.named_modules():
         code = codes.get(f"{mod_name}.weight")

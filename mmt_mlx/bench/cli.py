@@ -8,8 +8,8 @@ from pathlib import Path
 
 from mmt_mlx.bench.run import run_bench
 from mmt_mlx.bench.stats import APPLE_CHIPS
+from mmt_mlx.cli_args import add_model_arg
 from mmt_mlx.plots import plot_bench, require_matplotlib
-from mmt_mlx.registry import BUILTINS, DEFAULT_MODEL
 
 
 def format_table(r: dict) -> str:
@@ -59,8 +59,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``mmt bench`` on the top-level subparsers."""
     b = subparsers.add_parser("bench", help="llama-bench style speed: FGS vs dense, MLX q4/q8, llama.cpp")
-    b.add_argument("--model", "-m", default=None,
-                   help=f"built-in name ({', '.join(BUILTINS)}; default {DEFAULT_MODEL}), a .gguf file or a model directory")  # fmt: skip
+    add_model_arg(b)
     b.add_argument("-p", "--prompt-tokens", type=int, default=512, help="prompt tokens (default 512)")
     b.add_argument("-g", "--gen-tokens", type=int, default=128, help="generated tokens (default 128)")
     b.add_argument("-r", "--reps", type=int, default=5, help="repetitions (default 5)")

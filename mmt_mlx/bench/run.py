@@ -21,7 +21,7 @@ from mmt_mlx.locate import load_source, resolve_path
 from mmt_mlx.registry import BUILTINS, DEFAULT_MODEL
 
 
-def _source_arg(model_arg: str | None) -> str | None:
+def comparison_source(model_arg: str | None) -> str | None:
     """The model argument whose source the comparison set is built from (None: an FGS directory whose
     source is not a built-in)."""
     _, path = resolve_path(model_arg)
@@ -45,7 +45,7 @@ def run_bench(
     log: Callable[[str], None] = (
         (lambda s: print(s, file=sys.stderr, flush=True)) if progress else (lambda s: None)
     )
-    src_arg = _source_arg(model_arg) if compare else None
+    src_arg = comparison_source(model_arg) if compare else None
     src = load_source(src_arg)[1] if src_arg is not None else None
     name, fgs_path = fgs_model_path(model_arg, src=src, progress=progress)
     variants: list[dict] = []

@@ -1,12 +1,14 @@
-"""``mmt eval kl`` and ``mmt eval frontier``: argument parsing and printing."""
+"""``mmt eval ppl``, ``mmt eval kl`` and ``mmt eval frontier``: argument parsing and printing."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict
 
 from mmt_mlx.build import load_fgs
+from mmt_mlx.cli_args import add_model_arg
 from mmt_mlx.convert import PRESETS
 from mmt_mlx.errors import MmtError
 from mmt_mlx.evals.frontier import DEFAULT_FRONTIER_PRESETS, format_frontier, frontier
@@ -14,8 +16,8 @@ from mmt_mlx.evals.kl import kl_eval
 from mmt_mlx.evals.text import read_text
 from mmt_mlx.fgs_cache import fgs_model_path
 from mmt_mlx.loader import load_model
+from mmt_mlx.perplexity import perplexity
 from mmt_mlx.plots import require_matplotlib
-from mmt_mlx.registry import BUILTINS, DEFAULT_MODEL
 
 
 def cmd_eval_kl(a: argparse.Namespace) -> int:
@@ -60,35 +62,63 @@ def cmd_eval_frontier(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_ppl(a: argparse.Namespace) -> int:
+    text = read_text(a.text, a.start)
+    if a.ctx < 2 or a.chunks < 0:
+        raise MmtError("--ctx must be >= 2 and --chunks >= 0")
+    lm = load_model(a.model, dense=a.dense)
+    if a.ctx > lm.context_length:
+        raise MmtError(f"--ctx {a.ctx} exceeds the model's context of {lm.context_length}")
+    ids = lm.tokenizer.encode(text, add_bos=False)
+    bos = lm.tokenizer.bos_id if lm.tokenizer.bos_id is not None else ids[0]
+
+    def progress(i: int, n: int) -> None:
+        if not a.json:
+            print(f"\rchunk {i}/{n}", end="", file=sys.stderr, flush=True)
+
+    r = perplexity(lm.model, ids, bos, ctx=a.ctx, chunks=a.chunks, progress=progress)
+    if a.json:
+        print(json.dumps({"model": lm.name, "ppl": r.ppl, "tokens": r.tokens, "chunks": r.chunks, "ctx": r.ctx,
+                          "nll": r.nll, "seconds": round(r.seconds, 3), "tokens_per_second": r.tokens_per_second,
+                          "info": lm.info}))  # fmt: skip
+    else:
+        print(file=sys.stderr)
+        print(f"{lm.name}: ppl {r.ppl:.4f} over {r.tokens} tokens ({r.chunks} chunks of {r.ctx}), "
+              f"{r.tokens_per_second:.1f} tok/s")  # fmt: skip
+    return 0
+
+
+def _text_args(p: argparse.ArgumentParser, chunks: int) -> None:
+    p.add_argument("--text", required=True, help="UTF-8 text file")
+    p.add_argument("--start", default=None, help="score the text from the first occurrence of this string")
+    p.add_argument("--ctx", type=int, default=512)
+    p.add_argument("--chunks", type=int, default=chunks, help="0 = every whole chunk of the text")
+    p.add_argument("--json", action="store_true")
+
+
 def add_eval_parsers(eval_subparsers) -> None:
-    """Register ``mmt eval kl`` and ``mmt eval frontier`` on the ``eval`` sub-command's subparsers."""
-    model_help = (
-        f"built-in name ({', '.join(BUILTINS)}; default {DEFAULT_MODEL}), a .gguf file or a model directory"
-    )
+    """Register ``mmt eval ppl``, ``kl`` and ``frontier`` on the ``eval`` sub-command's subparsers."""
+    ppl = eval_subparsers.add_parser("ppl", help="perplexity on a text file (llama.cpp's chunking rule)")
+    add_model_arg(ppl, dense=True)
+    _text_args(ppl, chunks=8)
+    ppl.set_defaults(func=cmd_eval_ppl)
+
     kl = eval_subparsers.add_parser(
         "kl", help="KL divergence and top-1 agreement of the FGS model vs the dense one"
     )
-    kl.add_argument("--model", "-m", default=None, help=model_help)
+    add_model_arg(kl)
     kl.add_argument("--preset", default=None, help="FGS preset of the candidate (default: default)")
-    kl.add_argument("--text", required=True, help="UTF-8 text file")
-    kl.add_argument("--start", default=None, help="score the text from the first occurrence of this string")
-    kl.add_argument("--ctx", type=int, default=512)
-    kl.add_argument("--chunks", type=int, default=4, help="0 = every whole chunk of the text")
-    kl.add_argument("--json", action="store_true")
+    _text_args(kl, chunks=4)
     kl.set_defaults(func=cmd_eval_kl)
 
     fr = eval_subparsers.add_parser(
         "frontier", help="stored bytes vs perplexity: FGS presets and MLX bit widths"
     )
-    fr.add_argument("--model", "-m", default=None, help=model_help)
-    fr.add_argument("--text", required=True, help="UTF-8 text file")
-    fr.add_argument("--start", default=None, help="score the text from the first occurrence of this string")
+    add_model_arg(fr)
     fr.add_argument(
         "--presets", default=",".join(DEFAULT_FRONTIER_PRESETS), help="comma-separated FGS presets"
     )
     fr.add_argument("--bits", default="2,3,4,8", help="comma-separated MLX bit widths (group size 64)")
-    fr.add_argument("--ctx", type=int, default=512)
-    fr.add_argument("--chunks", type=int, default=8)
     fr.add_argument("--out", default="frontier.png", help="PNG plot ('' for none)")
-    fr.add_argument("--json", action="store_true")
+    _text_args(fr, chunks=8)
     fr.set_defaults(func=cmd_eval_frontier)

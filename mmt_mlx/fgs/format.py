@@ -167,6 +167,9 @@ def read_manifest(path: str | os.PathLike) -> dict:
         raise ModelFormatError(
             f"{file}: format version {manifest.get('format_version')} (this mmt reads {FORMAT_VERSION})"
         )
+    for key, kind in (("arch", str), ("config", dict), ("tokenizer", dict), ("tensors", dict), ("raw", dict)):
+        if not isinstance(manifest.get(key), kind):
+            raise ModelFormatError(f"{file}: malformed manifest ({key!r} missing or not a {kind.__name__})")
     return manifest
 
 
