@@ -13,7 +13,7 @@ from mmt_mlx.request import GenerationRequest, make_request
 from mmt_mlx.sample import Sampler, SamplingParams
 
 if TYPE_CHECKING:
-    from mmt_mlx.loader import LoadedModel
+    from mmt_mlx.build import LoadedModel
 
 PREFILL_CHUNK = 512  # bounds the attention scores and activations of long prompts
 

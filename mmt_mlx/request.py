@@ -16,7 +16,7 @@ from mmt_mlx.errors import ContextLengthError, EmptyPromptError, MmtError, Token
 from mmt_mlx.sample import SamplingParams
 
 if TYPE_CHECKING:
-    from mmt_mlx.loader import LoadedModel
+    from mmt_mlx.build import LoadedModel
 
 
 @dataclass(frozen=True)

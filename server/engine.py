@@ -29,7 +29,7 @@ from mmt_mlx.generate import GenerationChunk, generate_request
 from mmt_mlx.request import GenerationRequest
 
 if TYPE_CHECKING:
-    from mmt_mlx.loader import LoadedModel
+    from mmt_mlx.build import LoadedModel
 
 log = logging.getLogger("mmt_mlx.server")
 
