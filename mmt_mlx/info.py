@@ -11,7 +11,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mmt_mlx import __version__, blas, native
-from mmt_mlx.fgs import kernels as K
+from mmt_mlx.fgs.runtime import kernels as K
 
 _FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "asimd", "sve")
 

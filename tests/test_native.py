@@ -12,10 +12,10 @@ import pytest
 
 import mmt_mlx  # noqa: F401  (preloads OpenBLAS before mlx.core)
 from mmt_mlx import native
-from mmt_mlx.fgs import ops
 from mmt_mlx.fgs.codes import QuantCode, TensorCode
-from mmt_mlx.fgs.layers import FGSEmbedding, FGSLinear
-from mmt_mlx.fgs.quant import SUPPORTED_BITS, SUPPORTED_GROUPS, pack_bits
+from mmt_mlx.fgs.encoders.quant import SUPPORTED_BITS, SUPPORTED_GROUPS, pack_bits
+from mmt_mlx.fgs.runtime import ops
+from mmt_mlx.fgs.runtime.layers import FGSEmbedding, FGSLinear
 
 needs_native = pytest.mark.skipif(
     native.mode() in ("0", "off", "false", "reference"), reason="MMT_NATIVE disables the native kernels"
