@@ -56,7 +56,7 @@ def cmd_info(a: argparse.Namespace) -> int:
     print(f"FGS GPU kernels (Metal/CUDA): {'yes' if info['fgs_gpu_kernels'] else 'no (MLX reference ops)'}")
     line = f"quant level product: {nat['path']}"
     if "isa" in nat:
-        line += f" [{nat['isa']}, {nat['threads']} threads, OpenMP {'on' if nat['openmp'] else 'off'}]"
+        line += f" [{nat['isa']}, {nat['threads']} threads]"
     if nat.get("reason"):
         line += f" ({nat['reason']})"
     print(line + f"; MMT_NATIVE={nat['mode']}")

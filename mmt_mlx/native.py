@@ -104,7 +104,6 @@ def describe() -> dict[str, object]:
             path="native CPU kernels" if enabled() else "MLX ops (reference)",
             isa=mod.isa(),
             threads=mod.num_threads(),
-            openmp=mod.have_openmp(),
             built_for_mlx=mod.built_mlx_version(),
         )
     return info

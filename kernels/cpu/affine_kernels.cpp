@@ -1,6 +1,6 @@
 // Affine-quantized matmul kernels: one token streams each packed row once (fused unpack + dot with x, the
 // bias term through per-group sums of x); many tokens dequantize a few rows into L1 and reuse them for every
-// token. AVX2/FMA code is compiled with target attributes and chosen at run time; the scalar code is the
+// token. Rows are shared out by thread_pool.cpp. AVX2/FMA code is compiled with target attributes and chosen at run time; the scalar code is the
 // portable fallback (and what other CPUs run).
 #include "affine_kernels.h"
 
@@ -14,9 +14,9 @@
 #define MMT_X86 1
 #include <immintrin.h>
 #endif
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include <thread>
+
+#include "thread_pool.h"
 
 namespace mmt {
 namespace {
@@ -31,11 +31,7 @@ int default_threads() {
     int n = std::atoi(env);
     if (n > 0) return n;
   }
-#ifdef _OPENMP
-  return omp_get_num_procs();
-#else
-  return 1;
-#endif
+  return int(std::max(1u, std::thread::hardware_concurrency()));
 }
 
 // Eight q values starting at value index j (a multiple of 8) of a row: the low 8 * bits bits of one unaligned
@@ -237,11 +233,15 @@ void matvec(const AffineWeights& w, const RowReader& rd, const float* x, float* 
   }
   const DotRows dot2 = pick_dot_rows<2>(w.bits), dot1 = pick_dot_rows<1>(w.bits);
   const int pairs = w.rows / 2;
-#pragma omp parallel for schedule(dynamic, 16) num_threads(nthreads) if (nthreads > 1 && w.rows >= 64)
-  for (int p = 0; p < pairs; ++p) {
-    const uint8_t* rows[2] = {rd.row(2 * p), rd.row(2 * p + 1)};
-    dot2(w, rows, 2 * p, x, xsum.data(), y + 2 * p);
-  }
+  constexpr int kPairsPerChunk = 16;
+  const int nchunks = (pairs + kPairsPerChunk - 1) / kPairsPerChunk;
+  parallel_for(nchunks, w.rows >= 128 ? nthreads : 1, [&](int c) {
+    const int p1 = std::min(pairs, (c + 1) * kPairsPerChunk);
+    for (int p = c * kPairsPerChunk; p < p1; ++p) {
+      const uint8_t* rows[2] = {rd.row(2 * p), rd.row(2 * p + 1)};
+      dot2(w, rows, 2 * p, x, xsum.data(), y + 2 * p);
+    }
+  });
   if (w.rows % 2) {
     const uint8_t* last[1] = {rd.row(w.rows - 1)};
     dot1(w, last, w.rows - 1, x, xsum.data(), y + w.rows - 1);
@@ -252,36 +252,33 @@ void matmul_tiles(const AffineWeights& w, const RowReader& rd, const float* x, f
                   int nthreads) {
   const int nblocks = (w.rows + kRowBlock - 1) / kRowBlock;
   const bool avx2 = use_avx2();
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
-  {
-    std::vector<float> buf(size_t(kRowBlock) * w.cols);
-#pragma omp for schedule(dynamic, 4)
-    for (int b = 0; b < nblocks; ++b) {
-      const int r0 = b * kRowBlock, n = std::min(kRowBlock, w.rows - r0);
-      for (int i = 0; i < n; ++i) {
+  parallel_for(nblocks, nthreads, [&](int b) {
+    thread_local std::vector<float> buf;
+    buf.resize(size_t(kRowBlock) * w.cols);
+    const int r0 = b * kRowBlock, n = std::min(kRowBlock, w.rows - r0);
+    for (int i = 0; i < n; ++i) {
 #ifdef MMT_X86
-        if (avx2) {
-          dequant_row_avx2(w, rd.row(r0 + i), r0 + i, buf.data() + size_t(i) * w.cols);
-          continue;
-        }
-#endif
-        dequant_row_scalar(w, rd.row(r0 + i), r0 + i, buf.data() + size_t(i) * w.cols);
+      if (avx2) {
+        dequant_row_avx2(w, rd.row(r0 + i), r0 + i, buf.data() + size_t(i) * w.cols);
+        continue;
       }
-      float out[kRowBlock];
-      for (int t = 0; t < tokens; ++t) {
-        const float* xt = x + size_t(t) * w.cols;
-#ifdef MMT_X86
-        if (avx2) {
-          dots_avx2(buf.data(), n, w.cols, xt, out);
-        } else
 #endif
-        {
-          for (int i = 0; i < n; ++i) out[i] = dot_scalar(buf.data() + size_t(i) * w.cols, xt, w.cols);
-        }
-        for (int i = 0; i < n; ++i) y[size_t(t) * w.rows + r0 + i] = out[i];
-      }
+      dequant_row_scalar(w, rd.row(r0 + i), r0 + i, buf.data() + size_t(i) * w.cols);
     }
-  }
+    float out[kRowBlock];
+    for (int t = 0; t < tokens; ++t) {
+      const float* xt = x + size_t(t) * w.cols;
+#ifdef MMT_X86
+      if (avx2) {
+        dots_avx2(buf.data(), n, w.cols, xt, out);
+      } else
+#endif
+      {
+        for (int i = 0; i < n; ++i) out[i] = dot_scalar(buf.data() + size_t(i) * w.cols, xt, w.cols);
+      }
+      for (int i = 0; i < n; ++i) y[size_t(t) * w.rows + r0 + i] = out[i];
+    }
+  });
 }
 
 }  // namespace
@@ -292,13 +289,6 @@ int num_threads() { return g_threads > 0 ? g_threads : default_threads(); }
 
 const char* isa() { return use_avx2() ? "avx2+fma" : "scalar"; }
 
-bool have_openmp() {
-#ifdef _OPENMP
-  return true;
-#else
-  return false;
-#endif
-}
 
 void affine_matmul(const AffineWeights& w, const float* x, float* y, int tokens) {
   if (w.rows == 0 || tokens == 0) return;

@@ -26,6 +26,5 @@ int num_threads();
 
 // "avx2+fma" or "scalar": the code path chosen at run time for this CPU (MMT_NATIVE_ISA=scalar forces it).
 const char* isa();
-bool have_openmp();
 
 }  // namespace mmt

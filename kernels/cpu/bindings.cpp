@@ -19,7 +19,6 @@ NB_MODULE(_native, m) {
   m.def("set_num_threads", &mmt::set_num_threads, "n"_a, "Threads for the kernels (<= 0: default).");
   m.def("num_threads", &mmt::num_threads);
   m.def("isa", &mmt::isa, "Code path chosen for this CPU: 'avx2+fma' or 'scalar'.");
-  m.def("have_openmp", &mmt::have_openmp);
   m.def("built_mlx_version", [] {
     return std::to_string(MLX_VERSION_MAJOR) + "." + std::to_string(MLX_VERSION_MINOR) + "." +
            std::to_string(MLX_VERSION_PATCH);
