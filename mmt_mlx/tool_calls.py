@@ -53,7 +53,10 @@ def parse_tools(tools: list[Any]) -> list[Tool]:
         params = fn.get("parameters", {"type": "object", "properties": {}})
         if not isinstance(params, dict):
             raise GrammarError("tools", f"tools[{i}].function.parameters must be a JSON Schema object")
-        json_schema_grammar(params)  # a bad schema is refused here, naming the problem
+        try:
+            json_schema_grammar(params)  # a bad schema is refused here, naming the problem
+        except GrammarError as e:
+            raise GrammarError("tools", f"tools[{i}].function.parameters: {e.problem}") from None
         out.append(Tool(name, str(fn.get("description") or ""), params, fn.get("strict") is True))
     if not out:
         raise GrammarError("tools", "tools must not be empty")
