@@ -190,3 +190,22 @@ def test_cli_json_schema(capsys, tmp_path: Path, tiny_gguf):
     assert "invalid json schema" in capsys.readouterr().err
     assert main(["generate", "-m", path, "--json-schema", str(tmp_path / "missing.json"), "x"]) == 1
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_hf_dir_tokenizer_gives_the_same_token_bytes(tmp_path: Path):
+    from tokenizers import AddedToken, decoders
+
+    from mmt_mlx.gguf_file import read_gguf_metadata
+    from mmt_mlx.registry import builtin_path
+    from mmt_mlx.tokenizer import _gguf_bpe, tokenizer_from_hf_dir
+
+    meta = read_gguf_metadata(builtin_path("smollm2-135m-instruct"))
+    hf = _gguf_bpe(meta, meta["tokenizer.ggml.tokens"])
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens([AddedToken(t, special=True) for t in meta["tokenizer.ggml.tokens"][:17]])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    tok, gguf_tok = tokenizer_from_hf_dir(tmp_path), smollm2_tokenizer()
+    assert tok.piece_bytes[17:] == gguf_tok.piece_bytes[17:]
+    grammar = compile_grammar(tok, "regex", "[a-z]{3}")  # and the bridge takes it
+    assert grammar.kind == "regex"
