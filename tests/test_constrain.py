@@ -209,3 +209,26 @@ def test_hf_dir_tokenizer_gives_the_same_token_bytes(tmp_path: Path):
     assert tok.piece_bytes[17:] == gguf_tok.piece_bytes[17:]
     grammar = compile_grammar(tok, "regex", "[a-z]{3}")  # and the bridge takes it
     assert grammar.kind == "regex"
+
+
+@pytest.mark.slow
+def test_gemma_sentencepiece_tokenizer_bridge():
+    """Gemma 3's 262k SentencePiece vocabulary (byte pieces, U+2581 spaces, thousands of control tokens)."""
+    from mmt_mlx.registry import builtin_path
+    from mmt_mlx.tokenizer import tokenizer_from_gguf
+
+    tok = tokenizer_from_gguf(str(builtin_path("gemma3-270m")))
+    ll = ll_tokenizer(tok)
+    text = 'Caf\u00e9 {"k": [1, 2]}  \u6f22\u5b57 \U0001f600\n\tx'
+    assert ll.decode_bytes(tok.encode(text, add_bos=False)) == text.encode()
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["n"], "additionalProperties": False}  # fmt: skip
+    c = GrammarConstraint(tok, compile_grammar(tok, "json_schema", schema))
+    rng, out = np.random.default_rng(0), []
+    for _ in range(20):
+        t = int(mx.argmax(c(out, mx.array(rng.standard_normal(tok.vocab_size).astype(np.float32)))).item())
+        if t in tok.eos_ids:
+            break
+        c.advance(t)
+        out.append(t)
+    jsonschema.validate(json.loads(tok.decode(out)), schema)

@@ -240,6 +240,15 @@ def test_auto_text_or_call_and_none(client, live):
                                           temperature=1.0, logit_bias={str(lt): 100})  # fmt: skip
     assert call.choices[0].finish_reason == "tool_calls"
     _check_calls(call.choices[0].message.tool_calls, set(SCHEMA_OF))
+    for answer, bias in ((text, None), (call, {str(lt): 100})):  # streamed: the same answer, as deltas
+        kw = dict(model=M, messages=ASK, tools=TOOLS, seed=1)
+        kw.update(dict(max_tokens=300, temperature=1.0, logit_bias=bias) if bias else dict(max_tokens=20))
+        calls, finish = _streamed_calls(client, **kw)
+        want = answer.choices[0].message.tool_calls or []
+        assert [(c["name"], c["arguments"]) for c in calls] == [
+            (c.function.name, c.function.arguments) for c in want
+        ]
+        assert finish == answer.choices[0].finish_reason
     none = client.chat.completions.create(model=M, messages=ASK, tools=TOOLS, tool_choice="none",
                                           max_tokens=10, logit_bias={str(lt): 100})  # fmt: skip
     assert none.choices[0].message.tool_calls is None and none.choices[0].finish_reason != "tool_calls"
