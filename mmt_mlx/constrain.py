@@ -47,18 +47,15 @@ class Grammar:
     source: str  # llguidance grammar text, ready for LLMatcher
 
 
-_LL_TOKENIZERS: dict[int, tuple[Any, Any]] = {}  # id(Tokenizer) -> (Tokenizer, LLTokenizer)
-
-
 def ll_tokenizer(tok: Tokenizer) -> llguidance.LLTokenizer:
     """The llguidance tokenizer of ``tok``: each id's bytes, special ids by name, the model's EOS ids.
 
     Built once per tokenizer (~0.2 s for a 49k vocabulary) and cached."""
     import llguidance
 
-    cached = _LL_TOKENIZERS.get(id(tok))
-    if cached is not None and cached[0] is tok:
-        return cached[1]
+    cached = getattr(tok, "_llguidance", None)
+    if cached is not None:
+        return cached
     pieces = tok.piece_bytes
     if pieces is None:
         raise MmtError("this model's tokenizer gives no token bytes: constrained decoding is unavailable")
@@ -86,7 +83,7 @@ def ll_tokenizer(tok: Tokenizer) -> llguidance.LLTokenizer:
 
     # every end-of-generation id is allowed wherever the grammar may end
     ll = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Wrapped()), eos_token=eos)
-    _LL_TOKENIZERS[id(tok)] = (tok, ll)
+    tok._llguidance = ll  # type: ignore[attr-defined]  # one per tokenizer, built on first use
     return ll
 
 
