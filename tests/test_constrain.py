@@ -232,3 +232,23 @@ def test_gemma_sentencepiece_tokenizer_bridge():
         c.advance(t)
         out.append(t)
     jsonschema.validate(json.loads(tok.decode(out)), schema)
+
+
+def test_template_with_tools_support_gets_them_natively():
+    import copy
+
+    tok = copy.copy(smollm2_tokenizer())
+    tok.chat_template = (
+        "{% if tools %}TOOLS={{ tools | tojson }}\n{% endif %}"
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
+        "{% for c in m.get('tool_calls', []) %}[call {{ c['function']['name'] }}]{% endfor %}\n{% endfor %}"
+    )
+    tools = parse_tools(TOOLS)
+    history = [{"role": "user", "content": "n?"},
+               {"role": "assistant", "content": "", "tool_calls": [{"name": "count", "arguments": {"n": 1}}]},
+               {"role": "tool", "content": "1", "tool_call_id": "call_1"}]  # fmt: skip
+    messages, extra = prompt_messages(tok, history, tools)
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool"]  # no system message added
+    text = tok.apply_chat_template(messages, **extra)
+    assert text.startswith('TOOLS=[{"type": "function", "function": {"name": "lookup"')
+    assert "[call count]" in text and "tool: 1" in text
