@@ -162,7 +162,7 @@ def tool_grammar(
 def parse_calls(text: str) -> list[dict[str, Any]] | None:
     """The calls in an answer as OpenAI ``tool_calls`` (ids, name, arguments as a JSON string), or None when
     the answer is text. Raises ValueError if it starts like a call but is not one (cut short by max_tokens)."""
-    if not text.lstrip().startswith(OPEN):
+    if not text.startswith(OPEN):  # as the grammar: only a call starts with "<"
         return None
     out = []
     for body in _CALL.findall(text):
