@@ -252,3 +252,30 @@ def test_template_with_tools_support_gets_them_natively():
     text = tok.apply_chat_template(messages, **extra)
     assert text.startswith('TOOLS=[{"type": "function", "function": {"name": "lookup"')
     assert "[call count]" in text and "tool: 1" in text
+
+
+@pytest.mark.slow
+def test_real_model_json_schema_and_tool_call():
+    """SmolLM2 (dense), greedy: the answer follows the schema, and a required tool call names the tool."""
+    from mmt_mlx.loader import load_model
+
+    lm = load_model("smollm2-135m-instruct", dense=True)
+    tok = lm.tokenizer
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                               "country": {"type": "string", "maxLength": 30}},
+              "required": ["city", "country"], "additionalProperties": False}  # fmt: skip
+    ask = [{"role": "user", "content": "Name the capital of France as JSON."}]
+    ids = tok.encode(tok.apply_chat_template(ask))
+    text = "".join(c.text for c in stream_generate(lm, ids, max_tokens=60,
+                                                   grammar=compile_grammar(tok, "json_schema", schema)))  # fmt: skip
+    assert json.loads(text)["city"] == "Paris"
+    tools = parse_tools([{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 30}}, "required": ["city"],
+        "additionalProperties": False}}}])  # fmt: skip
+    messages, extra = prompt_messages(tok, [{"role": "user", "content": "Weather in Paris?"}], tools)
+    ids = tok.encode(tok.apply_chat_template(messages, **extra))
+    grammar = tool_grammar(tok, tools, "required", parallel=False)
+    text = "".join(c.text for c in stream_generate(lm, ids, max_tokens=60, grammar=grammar))
+    (call,) = parse_calls(text)
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"])["city"] == "Paris"
