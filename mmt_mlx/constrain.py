@@ -179,8 +179,9 @@ class GrammarConstraint:
 
     def __call__(self, tokens: list[int], logits: mx.array) -> mx.array:
         ok = self.allowed()
-        if ok.shape[0] < logits.shape[-1]:  # model rows past the tokenizer's vocabulary are never text
-            ok = np.concatenate([ok, np.zeros(logits.shape[-1] - ok.shape[0], dtype=bool)])
+        n = logits.shape[-1]
+        if ok.shape[0] != n:  # model rows past the tokenizer's vocabulary are never text
+            ok = np.concatenate([ok, np.zeros(max(0, n - ok.shape[0]), dtype=bool)])[:n]
         return mx.where(mx.array(ok), logits, -mx.inf)
 
     def advance(self, token: int) -> None:
