@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
+from mmt_mlx.constrain import Grammar, GrammarConstraint
 from mmt_mlx.request import GenerationRequest, make_request
 from mmt_mlx.sample import Sampler, SamplingParams
 
@@ -86,11 +87,14 @@ def stream_generate(
     stop: list[str] | None = None,
     logprobs: int = 0,
     should_stop: Callable[[], bool] | None = None,
+    grammar: Grammar | None = None,
 ) -> Iterator[GenerationChunk]:
     """Generate up to max_tokens after prompt, yielding one chunk per token (the last has finish_reason).
 
     Raises the typed errors of :func:`mmt_mlx.request.make_request` for a prompt the model cannot take."""
-    request = make_request(lm, prompt, max_tokens=max_tokens, sampling=sampling, stop=stop, logprobs=logprobs)
+    request = make_request(
+        lm, prompt, max_tokens=max_tokens, sampling=sampling, stop=stop, logprobs=logprobs, grammar=grammar
+    )
     return generate_request(lm, request, should_stop)
 
 
@@ -101,6 +105,7 @@ def generate_request(
     prompt, max_tokens, logprobs = request.prompt, request.max_tokens, request.logprobs
     sampler = Sampler(request.sampling)
     model, tok = lm.model, lm.tokenizer
+    constraint = GrammarConstraint(tok, request.grammar) if request.grammar is not None else None
     cache = model.make_cache()
     detok, matcher = tok.detokenizer(), StopMatcher(list(request.stop))
     generated: list[int] = []
@@ -126,6 +131,8 @@ def generate_request(
         if queued is not None:
             logits, queued = queued, None
         processed = sampler.process(logits, prompt + generated, generated)
+        if constraint is not None:  # last, so no bias or penalty can bring a forbidden token back
+            processed = constraint(generated, processed)
         token_arr = sampler.sample(processed)
         if not logprobs and len(generated) + 1 < max_tokens:
             # Overlap: queue the next forward pass on the still-lazy token before the only host sync of this
@@ -152,6 +159,8 @@ def generate_request(
             yield chunk(matcher.feed(detok.finalize())[0] + matcher.flush(), tid, lp, top, "stop")
             return
         generated.append(tid)
+        if constraint is not None:
+            constraint.advance(tid)
         text, hit = matcher.feed(detok.add(tid))
         if hit:
             yield chunk(text, tid, lp, top, "stop")

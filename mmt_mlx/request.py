@@ -17,6 +17,7 @@ from mmt_mlx.sample import SamplingParams
 
 if TYPE_CHECKING:
     from mmt_mlx.build import LoadedModel
+    from mmt_mlx.constrain import Grammar
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)  # seed and logit bias included
     stop: tuple[str, ...] = ()  # stop strings (non-empty), matched on the decoded text
     logprobs: int = 0  # 0: none; k >= 1: the sampled token's logprob and the k most likely alternatives
+    grammar: Grammar | None = None  # structured output: every generated token must keep to it
 
 
 def vocab_size(lm: LoadedModel) -> int | None:
@@ -47,6 +49,7 @@ def make_request(
     sampling: SamplingParams | None = None,
     stop: list[str] | tuple[str, ...] | None = None,
     logprobs: int = 0,
+    grammar: Grammar | None = None,
 ) -> GenerationRequest:
     """Check a request against ``lm`` and return it in the form the generator runs.
 
@@ -74,4 +77,5 @@ def make_request(
         raise MmtError("logprobs must be >= 0")
     left = context - len(ids)
     budget = left if max_tokens is None else max(0, min(int(max_tokens), left))
-    return GenerationRequest(ids, budget, sampling, tuple(s for s in stop or () if s), logprobs)
+    stops = tuple(s for s in stop or () if s)
+    return GenerationRequest(ids, budget, sampling, stops, logprobs, grammar)
