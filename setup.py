@@ -35,6 +35,9 @@ class NativeBuild(build_ext):
         out.mkdir(parents=True, exist_ok=True)
         tmp = Path(self.build_temp).resolve() / "mmt_native"
         tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / "CMakeCache.txt").unlink(
+            missing_ok=True
+        )  # a cached failed configure (no compiler) never sticks
         rpath = "$ORIGIN/../mlx/lib" if sys.platform.startswith("linux") else "@loader_path/../mlx/lib"
         configure = [
             "cmake", str(SOURCE_DIR), "-DCMAKE_BUILD_TYPE=Release",
