@@ -9,14 +9,21 @@ prompt-cache key) belongs in this dataclass as one more field, read by the gener
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+import mlx.core as mx
 
 from mmt_mlx.errors import ContextLengthError, EmptyPromptError, MmtError, TokenIdError
 from mmt_mlx.sample import SamplingParams
 
 if TYPE_CHECKING:
     from mmt_mlx.loader import LoadedModel
+
+
+# (tokens so far: prompt + generated, this step's (vocab,) f32 logits) -> logits; e.g. a structured-output mask
+LogitsProcessor = Callable[[list[int], mx.array], mx.array]
 
 
 @dataclass(frozen=True)
@@ -28,6 +35,8 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)  # seed and logit bias included
     stop: tuple[str, ...] = ()  # stop strings (non-empty), matched on the decoded text
     logprobs: int = 0  # 0: none; k >= 1: the sampled token's logprob and the k most likely alternatives
+    # applied in order after the sampler's bias and penalties, before sampling; per request (their own state)
+    logits_processors: tuple[LogitsProcessor, ...] = ()
 
 
 def vocab_size(lm: LoadedModel) -> int | None:
@@ -47,6 +56,7 @@ def make_request(
     sampling: SamplingParams | None = None,
     stop: list[str] | tuple[str, ...] | None = None,
     logprobs: int = 0,
+    logits_processors: tuple[LogitsProcessor, ...] = (),
 ) -> GenerationRequest:
     """Check a request against ``lm`` and return it in the form the generator runs.
 
@@ -74,4 +84,5 @@ def make_request(
         raise MmtError("logprobs must be >= 0")
     left = context - len(ids)
     budget = left if max_tokens is None else max(0, min(int(max_tokens), left))
-    return GenerationRequest(ids, budget, sampling, tuple(s for s in stop or () if s), logprobs)
+    stops = tuple(s for s in stop or () if s)
+    return GenerationRequest(ids, budget, sampling, stops, logprobs, tuple(logits_processors))
