@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 import mlx.core as mx
 
 from mmt_mlx.cache import BatchCache, SlidingKVCache
-from mmt_mlx.stream_text import PREFILL_CHUNK, GenerationChunk, StopMatcher
 from mmt_mlx.sample import Sampler
+from mmt_mlx.stream_text import PREFILL_CHUNK, GenerationChunk, StopMatcher
 
 if TYPE_CHECKING:
     from mmt_mlx.loader import LoadedModel
