@@ -36,7 +36,8 @@ SLIDING_SLACK = 128  # extra keys a sliding layer keeps so that a slightly short
 
 @dataclass
 class StepEvent:
-    """What a step produced for one stream: a chunk (``finish_reason`` set on its last one) or an error."""
+    """What a step produced for one stream: a chunk (``finish_reason`` set on its last one), an error, or
+    neither (the stream ended without a last chunk)."""
 
     uid: int
     chunk: GenerationChunk | None = None
@@ -44,7 +45,7 @@ class StepEvent:
 
     @property
     def finished(self) -> bool:
-        return self.error is not None or (self.chunk is not None and self.chunk.finish_reason is not None)
+        return self.error is not None or self.chunk is None or self.chunk.finish_reason is not None
 
 
 @dataclass(eq=False)
