@@ -270,9 +270,7 @@ def chat_turns(
     r1 = asyncio.run(serial(url, [dict(body, messages=msgs)]))[0]
     msgs = msgs + [{"role": "assistant", "content": r1.text}, {"role": "user", "content": PROMPTS[1]}]
     r2 = asyncio.run(serial(url, [dict(body, messages=msgs)]))[0]
-    metrics = httpx.get(url + "/metrics").text
-    reused = next((float(x.split()[1]) for x in metrics.splitlines()
-                   if x.startswith("mmt_prompt_tokens_cached_total ")), 0.0)  # fmt: skip
+    reused = read_metric(url, "mmt_prompt_tokens_cached_total")
     return {"turn1_ttft_s": r1.ttft, "turn2_ttft_s": r2.ttft, "turn2_text": r2.text, "tokens_reused": reused}
 
 
@@ -292,6 +290,13 @@ def prompt_cache_phase(args: argparse.Namespace, url: str, model_name: str, ban:
           f"({warm['tokens_reused']:.0f} tokens reused), {cold['turn2_ttft_s']:.2f} s without: "
           f"{out['turn2_ttft_speedup']:.1f}x; answers identical: {out['identical']}", flush=True)  # fmt: skip
     return out
+
+
+def read_metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return float("nan")
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -347,6 +352,8 @@ def main() -> None:
         if not args.skip_direct:
             summary["decode_tok_s"] = decode_comparison(args, url, model_name)
         summary["load_average_end"] = os.getloadavg()
+        summary["server_peak_rss_bytes"] = read_metric(url, "mmt_process_peak_rss_bytes")
+        print(f"server peak memory: {summary['server_peak_rss_bytes'] / 2**20:.0f} MiB")
         top = summary["streams"][str(args.streams[-1])]
         print(f"aggregate decode at {args.streams[-1]} streams: {top['speedup_vs_1']:.2f}x one stream (goal 3x); "
               f"turn-2 prompt cache speedup {summary['prompt_cache']['turn2_ttft_speedup']:.1f}x (goal 5x)")  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import sys
 import threading
 from collections import defaultdict
 
@@ -10,6 +11,16 @@ from .engine import EngineGauges, GenerationStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 TTFT_WINDOW = 512  # time-to-first-token quantiles are over this many latest requests
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set (0 where the platform does not report it)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
 
 
 def _esc(value: str) -> str:
@@ -118,6 +129,8 @@ class Metrics:
                [("", gauges.prompt_cache_bytes)])  # fmt: skip
         metric("mmt_prompt_cache_entries", "gauge", "Finished requests held by the prompt cache.",
                [("", gauges.prompt_cache_entries)])  # fmt: skip
+        metric("mmt_process_peak_rss_bytes", "gauge", "Peak resident memory of the server process.",
+               [("", peak_rss_bytes())])  # fmt: skip
         label = f'{{model="{_esc(model)}"}}' if model else ""
         metric("mmt_model_loaded", "gauge", "1 once the model is loaded and the server is ready.",
                [(label, int(loaded))])  # fmt: skip
