@@ -276,7 +276,7 @@ def chat_turns(
 
 def prompt_cache_phase(args: argparse.Namespace, url: str, model_name: str, ban: dict[str, float]) -> dict:
     """The chat on a second server with the prompt cache on, and on the main one (prompt cache off)."""
-    repeat = 1 if args.tiny else 4
+    repeat = 1 if args.tiny else args.chat_context
     port = free_port()
     proc = start_server(args, port, prompt_cache_mb=args.prompt_cache_mb)
     try:
@@ -317,6 +317,8 @@ def main() -> None:
     ap.add_argument("--prompt-cache-mb", type=float, default=512)
     ap.add_argument("--max-tokens", type=int, default=32, help="tokens per stream in the sweep")
     ap.add_argument("--chat-tokens", type=int, default=16, help="tokens per chat turn (prompt-cache phase)")
+    ap.add_argument("--chat-context", type=int, default=12,
+                    help="copies of the prompt list in the chat's system message (12: ~850 tokens)")
     ap.add_argument("--decode-tokens", type=int, default=32, help="tokens for the direct decode comparison")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--skip-direct", action="store_true", help="skip the server-vs-direct decode comparison")
