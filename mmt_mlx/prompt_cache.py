@@ -14,6 +14,8 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import mlx.core as mx
+
 from mmt_mlx.cache import LayerCache, nbytes, prefix_copy, reusable_prefix
 
 DEFAULT_BUDGET_BYTES = 512 * 1024 * 1024
@@ -58,7 +60,8 @@ class PromptCache:
         tokens_t = tuple(tokens[:n])
         if n < MIN_REUSE_TOKENS:
             return
-        kept = [prefix_copy(c, n) if c.offset != n else c for c in caches]
+        kept = [prefix_copy(c, n) for c in caches]  # a copy: the request's preallocated buffers are freed
+        mx.eval([c.state for c in kept])
         size = sum(nbytes(c) for c in kept)
         if size > self.budget_bytes:
             return

@@ -204,3 +204,12 @@ def test_prompt_cache_turn_two_equals_cold_run(lm):
         assert "mmt_time_to_first_token_seconds_count 2" in s.metrics()
     finally:
         s.close()
+
+
+def test_serve_flags_are_checked(capsys):
+    from mmt_mlx.cli import main
+
+    assert main(["serve", "--max-batch", "0"]) == 1
+    assert "--max-batch must be at least 1" in capsys.readouterr().err
+    assert main(["serve", "--prompt-cache-mb", "-1"]) == 1
+    assert "--prompt-cache-mb must be >= 0" in capsys.readouterr().err
