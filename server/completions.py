@@ -120,7 +120,8 @@ async def _full(
     )
     finish = last.finish_reason if last is not None else "stop"
     logprob_chunks = kept if prepared.n_logprobs is not None else []
-    return fmt.full("".join(text_parts), logprob_chunks, finish, prompt_n, completion)
+    cached = int(last.cached_tokens) if last is not None else 0
+    return fmt.full("".join(text_parts), logprob_chunks, finish, prompt_n, completion, cached)
 
 
 async def _sse(
@@ -128,7 +129,7 @@ async def _sse(
     chunks: AsyncIterator[GenerationChunk],
 ) -> AsyncIterator[bytes]:  # fmt: skip
     finish: str | None = None
-    completion = 0
+    completion = cached = 0
     prompt_n = len(prepared.generation.prompt)
     echo, include_usage = prepared.echo, prepared.include_usage
     offset = len(echo)
@@ -155,9 +156,10 @@ async def _sse(
             finish = c.finish_reason or finish
             completion = int(c.generation_tokens)
             prompt_n = int(c.prompt_tokens) or prompt_n
+            cached = int(c.cached_tokens)
         yield sse(fmt.chunk(None, pending, finish or "stop", with_usage=include_usage, offset=offset))
         if include_usage:
-            yield sse(fmt.usage_chunk(prompt_n, completion))
+            yield sse(fmt.usage_chunk(prompt_n, completion, cached))
         yield SSE_DONE
     except MmtError as exc:
         yield sse(E.from_mmt_error(exc, "messages" if prepared.chat else "prompt").body())

@@ -25,11 +25,13 @@ def sse(payload: dict[str, Any] | str) -> bytes:
 SSE_DONE = sse("[DONE]")
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; ``cached_tokens``: prompt tokens taken from the prompt cache."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -122,7 +124,7 @@ class Formatter:
     # -- whole responses -------------------------------------------------------------------------------
 
     def full(self, text: str, chunks: list[Any], finish_reason: str | None, prompt_tokens: int,
-             completion_tokens: int) -> dict[str, Any]:  # fmt: skip
+             completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:  # fmt: skip
         finish = finish_reason or "stop"
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
@@ -132,7 +134,7 @@ class Formatter:
             choice = {"index": 0, "text": text, "logprobs": self._logprobs(chunks), "finish_reason": finish}
             body = self._head("text_completion")
         body["choices"] = [choice]
-        body["usage"] = usage(prompt_tokens, completion_tokens)
+        body["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens)
         return body
 
     # -- stream chunks -------------------------------------------------------------------------------------
@@ -159,8 +161,10 @@ class Formatter:
             body["usage"] = None
         return body
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    def usage_chunk(
+        self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+    ) -> dict[str, Any]:
         body = self._head("chat.completion.chunk" if self.chat else "text_completion")
         body["choices"] = []
-        body["usage"] = usage(prompt_tokens, completion_tokens)
+        body["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens)
         return body

@@ -195,6 +195,8 @@ def test_prompt_cache_turn_two_equals_cold_run(lm):
         r2 = client.chat.completions.create(model=s.model, messages=msgs, max_tokens=30, logit_bias=NO_EOS)
         reused = gauge(s, "mmt_prompt_tokens_cached_total")
         assert reused >= 20, "turn 2 did not start from turn 1's cached state"
+        assert r1.usage.prompt_tokens_details.cached_tokens == 0
+        assert r2.usage.prompt_tokens_details.cached_tokens == reused
         ids = lm.tokenizer.encode(lm.tokenizer.apply_chat_template(msgs))
         assert reused < len(ids)
         bias = {int(k): float(v) for k, v in NO_EOS.items()}
