@@ -17,7 +17,7 @@ from mmt_mlx.sample import SamplingParams
 from mmt_mlx.stream_text import PREFILL_CHUNK, GenerationChunk, StopMatcher
 
 if TYPE_CHECKING:
-    from mmt_mlx.loader import LoadedModel
+    from mmt_mlx.build import LoadedModel
 
 __all__ = ["PREFILL_CHUNK", "GenerationChunk", "StopMatcher", "generate", "prefill", "stream_generate"]
 

@@ -19,7 +19,7 @@ from mmt_mlx.errors import ContextLengthError, EmptyPromptError, MmtError, Token
 from mmt_mlx.sample import SamplingParams
 
 if TYPE_CHECKING:
-    from mmt_mlx.loader import LoadedModel
+    from mmt_mlx.build import LoadedModel
 
 
 # (tokens so far: prompt + generated, this step's (vocab,) f32 logits) -> logits; e.g. a structured-output mask

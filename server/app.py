@@ -30,7 +30,7 @@ from .responses import Formatter
 from .schemas import ChatCompletionRequest, CompletionRequest
 
 if TYPE_CHECKING:
-    from mmt_mlx.loader import LoadedModel
+    from mmt_mlx.build import LoadedModel
 
 log = logging.getLogger("mmt_mlx.server")
 

@@ -36,7 +36,7 @@ from mmt_mlx.request import GenerationRequest
 from .iterator_batch import IteratorBatch
 
 if TYPE_CHECKING:
-    from mmt_mlx.loader import LoadedModel
+    from mmt_mlx.build import LoadedModel
 
 log = logging.getLogger("mmt_mlx.server")
 

@@ -25,7 +25,7 @@ from . import errors as E
 from .schemas import ChatCompletionRequest, CompletionRequest
 
 if TYPE_CHECKING:
-    from mmt_mlx.loader import LoadedModel
+    from mmt_mlx.build import LoadedModel
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy /v1/completions endpoint
 
