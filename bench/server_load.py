@@ -317,8 +317,12 @@ def main() -> None:
     ap.add_argument("--prompt-cache-mb", type=float, default=512)
     ap.add_argument("--max-tokens", type=int, default=32, help="tokens per stream in the sweep")
     ap.add_argument("--chat-tokens", type=int, default=16, help="tokens per chat turn (prompt-cache phase)")
-    ap.add_argument("--chat-context", type=int, default=12,
-                    help="copies of the prompt list in the chat's system message (12: ~850 tokens)")
+    ap.add_argument(
+        "--chat-context",
+        type=int,
+        default=12,
+        help="copies of the prompt list in the chat's system message (12: ~850 tokens)",
+    )
     ap.add_argument("--decode-tokens", type=int, default=32, help="tokens for the direct decode comparison")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--skip-direct", action="store_true", help="skip the server-vs-direct decode comparison")

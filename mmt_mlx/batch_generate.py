@@ -26,7 +26,7 @@ from mmt_mlx.sample import Sampler
 from mmt_mlx.stream_text import PREFILL_CHUNK, GenerationChunk, StopMatcher
 
 if TYPE_CHECKING:
-    from mmt_mlx.loader import LoadedModel
+    from mmt_mlx.build import LoadedModel
     from mmt_mlx.prompt_cache import PromptCache
     from mmt_mlx.request import GenerationRequest
 

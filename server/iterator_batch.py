@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 from mmt_mlx.batch_generate import StepEvent
 
 if TYPE_CHECKING:
+    from mmt_mlx.build import LoadedModel
     from mmt_mlx.generate import GenerationChunk
-    from mmt_mlx.loader import LoadedModel
     from mmt_mlx.request import GenerationRequest
 
 GenerateFn = Callable[["LoadedModel", "GenerationRequest", Callable[[], bool]], Iterator["GenerationChunk"]]
