@@ -339,9 +339,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     try:
         model_name = httpx.get(url + "/health").json()["model"]
-        from mmt_mlx.loader import load_model  # noqa: F401 - the tokenizer's EOS ids, below
-
-        lm = _loader(args.tiny, args.model, args.dense)()
+        lm = _loader(args.tiny, args.model, args.dense)()  # for the tokenizer's EOS ids
         ban = {str(e): -100.0 for e in lm.tokenizer.eos_ids}
         del lm
         print(

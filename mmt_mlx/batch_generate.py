@@ -152,7 +152,7 @@ class BatchGenerator:
             events += self._decode(batch)
         waiting = [s for s in self._streams.values() if s.todo]
         if waiting:
-            events += self._prefill(waiting[0], busy=bool(batch) or len(waiting) > 1)
+            events += self._prefill(waiting[0], busy=bool(batch))
         return events
 
     def _prefill(self, s: _Stream, busy: bool) -> list[StepEvent]:
