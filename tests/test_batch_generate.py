@@ -189,3 +189,36 @@ def test_prompt_cache_budget_is_bounded(lm):
         _run_all(gen, [make_request(lm, list(range(1000 * k, 1000 * k + 60)), max_tokens=3)])
         assert cache.bytes <= cache.budget_bytes
     assert 0 < len(cache) < 6
+
+
+def test_chunked_prefill_keeps_running_streams_flowing(lm):
+    gen = BatchGenerator(lm, max_batch=2, busy_prefill_chunk=16)
+    a = gen.add(make_request(lm, PROMPTS[0], max_tokens=40))
+    gen.step()
+    gen.step()  # a is decoding
+    b = gen.add(make_request(lm, list(range(500, 650)), max_tokens=3))  # 150 tokens: ~10 chunks of 16
+    steps = 0
+    while True:
+        events = {ev.uid: ev for ev in gen.step()}
+        steps += 1
+        assert a in events and events[a].chunk is not None, "the running stream stalled during a prefill"
+        if b in events:
+            break
+    assert steps >= 9  # b's prompt was spread over many steps, one chunk each
+
+
+def test_prompt_cache_drops_the_least_recently_used(lm):
+    one = PromptCache()
+    gen = BatchGenerator(lm, prompt_cache=one)
+    prompts = [list(range(1000 * k, 1000 * k + 40)) for k in (1, 2, 3)]
+    for p in prompts:
+        _run_all(gen, [make_request(lm, p, max_tokens=2)])
+    size = one.bytes // 3
+    cache = PromptCache(budget_bytes=int(size * 2.5))
+    gen = BatchGenerator(lm, prompt_cache=cache)
+    for p in prompts[:2]:
+        _run_all(gen, [make_request(lm, p, max_tokens=2)])
+    assert cache.lookup(prompts[0] + [7])[0] > 0  # a hit makes the first one the most recently used
+    _run_all(gen, [make_request(lm, prompts[2], max_tokens=2)])
+    assert len(cache) == 2
+    assert cache.lookup(prompts[0] + [7])[0] > 0 and cache.lookup(prompts[1] + [7])[0] == 0
