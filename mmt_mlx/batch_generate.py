@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import mlx.core as mx
 
 from mmt_mlx.cache import BatchCache, SlidingKVCache
+from mmt_mlx.constrain import GrammarConstraint
 from mmt_mlx.sample import Sampler
 from mmt_mlx.stream_text import PREFILL_CHUNK, GenerationChunk, StopMatcher
 
@@ -59,6 +60,7 @@ class _Stream:
     matcher: StopMatcher
     todo: list[int]  # prompt tokens (but the last) still to prefill
     reused: int  # prompt tokens taken from the prompt cache
+    constraint: GrammarConstraint | None  # structured output: the grammar's own per-request state
     last: int | None = None  # a token to feed in the next batched step
     generated: list[int] = field(default_factory=list)
     t_start: float = 0.0  # first prefill work (or the first step, for a full cache hit)
@@ -120,6 +122,7 @@ class BatchGenerator:
         self._streams[uid] = _Stream(
             uid, request, should_stop, Sampler(request.sampling), cache, tok.detokenizer(),
             StopMatcher(list(request.stop)), list(prompt[reused:-1]), reused,
+            GrammarConstraint(tok, request.grammar) if request.grammar is not None else None,
         )  # fmt: skip
         return uid
 
@@ -187,7 +190,11 @@ class BatchGenerator:
                 events.append(StepEvent(s.uid, error=exc))
         mx.eval([a for _, t, lp in picks for a in (t, lp) if a is not None])
         for s, token, logp in picks:
-            events.append(self._advance(s, int(token.item()), logp))
+            try:
+                events.append(self._advance(s, int(token.item()), logp))
+            except Exception as exc:  # noqa: BLE001 - e.g. a grammar that refused the token: this stream only
+                self._streams.pop(s.uid, None)
+                events.append(StepEvent(s.uid, error=exc))
         return events
 
     def _sample(self, s: _Stream, logits: mx.array) -> tuple[mx.array, mx.array | None]:
@@ -195,6 +202,8 @@ class BatchGenerator:
         processed = s.sampler.process(logits, context, s.generated)
         for proc in s.request.logits_processors:
             processed = proc(context, processed)
+        if s.constraint is not None:  # last, so no bias or penalty can bring a forbidden token back
+            processed = s.constraint(s.generated, processed)
         logp = logits - mx.logsumexp(logits) if s.request.logprobs else None
         return s.sampler.sample(processed), logp
 
@@ -214,6 +223,8 @@ class BatchGenerator:
         if tid in self.lm.tokenizer.eos_ids:
             text, reason = s.matcher.feed(s.detok.finalize())[0] + s.matcher.flush(), "stop"
         else:
+            if s.constraint is not None:
+                s.constraint.advance(tid)
             text, hit = s.matcher.feed(s.detok.add(tid))
             cancelled = s.should_stop is not None and s.should_stop()
             if hit:

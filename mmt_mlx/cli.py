@@ -48,8 +48,11 @@ def cmd_generate(a: argparse.Namespace) -> int:
         ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_bos=None)
     else:
         ids = tok.encode(prompt)
+    grammar = _grammar_arg(a, tok)
     last = None
-    for chunk in stream_generate(lm, ids, max_tokens=a.max_tokens, sampling=sampling, stop=a.stop or None):
+    for chunk in stream_generate(
+        lm, ids, max_tokens=a.max_tokens, sampling=sampling, stop=a.stop or None, grammar=grammar
+    ):
         sys.stdout.write(chunk.text)
         sys.stdout.flush()
         last = chunk
@@ -62,6 +65,35 @@ def cmd_generate(a: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _grammar_arg(a: argparse.Namespace, tok) -> object | None:
+    """The grammar asked for by --json-schema FILE, --json, --regex or --lark FILE (at most one)."""
+    from mmt_mlx.constrain import compile_grammar
+
+    given = [x for x in (a.json_schema, a.json_mode or None, a.regex, a.lark) if x]
+    if len(given) > 1:
+        raise MmtError("give at most one of --json-schema, --json, --regex, --lark")
+    if a.json_mode:
+        return compile_grammar(tok, "json_object")
+    if a.regex:
+        return compile_grammar(tok, "regex", a.regex)
+    for path, kind in ((a.json_schema, "json_schema"), (a.lark, "lark")):
+        if path:
+            try:
+                text = Path(path).read_text()
+            except OSError as e:
+                raise MmtError(f"cannot read {path}: {e.strerror or e}") from None
+            if kind == "lark":
+                return compile_grammar(tok, "lark", text)
+            try:
+                schema = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise MmtError(f"{path} is not valid JSON: {e}") from None
+            if isinstance(schema, dict) and isinstance(schema.get("schema"), dict) and "name" in schema:
+                schema = schema["schema"]  # OpenAI's {"name": ..., "schema": {...}} wrapper
+            return compile_grammar(tok, "json_schema", schema)
+    return None
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
@@ -131,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--system", default=None, help="system message (with --chat)")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--json-schema", metavar="FILE", help="constrain the output to this JSON Schema")
+    g.add_argument(
+        "--json", dest="json_mode", action="store_true", help="constrain the output to a JSON object"
+    )
+    g.add_argument("--regex", help="constrain the output to this regular expression")
+    g.add_argument("--lark", metavar="FILE", help="constrain the output to this Lark grammar (llguidance)")
     g.add_argument("prompt", help="the prompt, or - to read it from standard input")
     g.set_defaults(func=cmd_generate)
 

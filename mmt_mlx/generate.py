@@ -18,6 +18,7 @@ from mmt_mlx.stream_text import PREFILL_CHUNK, GenerationChunk, StopMatcher
 
 if TYPE_CHECKING:
     from mmt_mlx.build import LoadedModel
+    from mmt_mlx.constrain import Grammar
 
 __all__ = ["PREFILL_CHUNK", "GenerationChunk", "StopMatcher", "generate", "prefill", "stream_generate"]
 
@@ -41,11 +42,14 @@ def stream_generate(
     stop: list[str] | None = None,
     logprobs: int = 0,
     should_stop: Callable[[], bool] | None = None,
+    grammar: Grammar | None = None,
 ) -> Iterator[GenerationChunk]:
     """Generate up to max_tokens after prompt, yielding one chunk per token (the last has finish_reason).
 
     Raises the typed errors of :func:`mmt_mlx.request.make_request` for a prompt the model cannot take."""
-    request = make_request(lm, prompt, max_tokens=max_tokens, sampling=sampling, stop=stop, logprobs=logprobs)
+    request = make_request(
+        lm, prompt, max_tokens=max_tokens, sampling=sampling, stop=stop, logprobs=logprobs, grammar=grammar
+    )
     return generate_request(lm, request, should_stop)
 
 

@@ -20,6 +20,7 @@ from mmt_mlx.sample import SamplingParams
 
 if TYPE_CHECKING:
     from mmt_mlx.build import LoadedModel
+    from mmt_mlx.constrain import Grammar
 
 
 # (tokens so far: prompt + generated, this step's (vocab,) f32 logits) -> logits; e.g. a structured-output mask
@@ -37,6 +38,7 @@ class GenerationRequest:
     logprobs: int = 0  # 0: none; k >= 1: the sampled token's logprob and the k most likely alternatives
     # applied in order after the sampler's bias and penalties, before sampling; per request (their own state)
     logits_processors: tuple[LogitsProcessor, ...] = ()
+    grammar: Grammar | None = None  # structured output: every generated token must keep to it
 
 
 def vocab_size(lm: LoadedModel) -> int | None:
@@ -57,6 +59,7 @@ def make_request(
     stop: list[str] | tuple[str, ...] | None = None,
     logprobs: int = 0,
     logits_processors: tuple[LogitsProcessor, ...] = (),
+    grammar: Grammar | None = None,
 ) -> GenerationRequest:
     """Check a request against ``lm`` and return it in the form the generator runs.
 
@@ -85,4 +88,4 @@ def make_request(
     left = context - len(ids)
     budget = left if max_tokens is None else max(0, min(int(max_tokens), left))
     stops = tuple(s for s in stop or () if s)
-    return GenerationRequest(ids, budget, sampling, stops, logprobs, tuple(logits_processors))
+    return GenerationRequest(ids, budget, sampling, stops, logprobs, tuple(logits_processors), grammar)

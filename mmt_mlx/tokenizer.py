@@ -116,6 +116,7 @@ class Tokenizer:
         names = {i: t for t, i in special_tokens.items()}  # for the template's bos_token / eos_token
         self.bos_token, self.eos_token = names.get(bos_id, ""), names.get(eos_ids[0], "") if eos_ids else ""
         self._encode_plain = encode_plain
+        self.piece_bytes = piece_bytes  # bytes each id shows (hidden ones: b""), for grammar token masks
         self._strip_space = strip_space_after_bos  # drop the dummy-prefix space after BOS, as llama.cpp does
         self._decode_fn = decode_fn or (  # unknown ids show nothing
             lambda ids: b"".join(piece_bytes[i] for i in ids if 0 <= i < vocab_size).decode(
@@ -340,6 +341,7 @@ def tokenizer_from_hf_dir(path: str | os.PathLike) -> Tokenizer:
         encode_plain = lambda text: hf.encode(text, add_special_tokens=False).ids
         decode_fn = lambda ids: hf.decode(ids, skip_special_tokens=True)
         vocab_size = hf.get_vocab_size(with_added_tokens=True)
+        piece_bytes = _hf_piece_bytes(hf, vocab_size, set(special.values()))
         bos = to_id(bos_t) if bos_t else None
         # without add_bos_token in the config, do what the post-processor does
         default_bos = bos is not None and hf.encode("", add_special_tokens=True).ids[:1] == [bos]
@@ -349,6 +351,11 @@ def tokenizer_from_hf_dir(path: str | os.PathLike) -> Tokenizer:
         sp = spm.SentencePieceProcessor(model_file=str(root / "tokenizer.model"))
         vocab_size, default_bos = sp.get_piece_size(), True
         special = {sp.id_to_piece(i): i for i in range(vocab_size) if sp.is_control(i)}
+        sp_types = [
+            BYTE if sp.is_byte(i) else CONTROL if sp.is_control(i) else UNKNOWN if sp.is_unknown(i)
+            else UNUSED if sp.is_unused(i) else NORMAL for i in range(vocab_size)
+        ]  # fmt: skip
+        piece_bytes = _piece_bytes([sp.id_to_piece(i) for i in range(vocab_size)], sp_types, False)
         to_id = lambda t: i if (i := sp.piece_to_id(t)) >= 0 and sp.id_to_piece(i) == t else None
         encode_plain = sp.encode
         decode_fn = lambda ids: sp.decode([i for i in ids if 0 <= i < vocab_size])
@@ -363,8 +370,22 @@ def tokenizer_from_hf_dir(path: str | os.PathLike) -> Tokenizer:
     return Tokenizer(
         encode_plain=encode_plain, vocab_size=vocab_size, bos_id=bos, eos_ids=eos,
         add_bos=bool(cfg.get("add_bos_token", default_bos)), chat_template=template, special_tokens=special,
-        decode_fn=decode_fn,
+        decode_fn=decode_fn, piece_bytes=piece_bytes,
     )  # fmt: skip
+
+
+def _hf_piece_bytes(hf: Any, vocab_size: int, special_ids: set[int]) -> list[bytes]:
+    """Bytes of each id of a `tokenizers` tokenizer: GPT-2 byte-level pieces, else SentencePiece-style pieces
+    (U+2581 for a space, <0xNN> for a byte)."""
+    decoder = json.loads(hf.to_str()).get("decoder") or {}
+    kinds = {decoder.get("type")} | {d.get("type") for d in decoder.get("decoders", [])}
+    tokens = [hf.id_to_token(i) or "" for i in range(vocab_size)]
+    byte_piece = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+    types = [
+        CONTROL if i in special_ids else BYTE if byte_piece.fullmatch(t) else NORMAL
+        for i, t in enumerate(tokens)
+    ]
+    return _piece_bytes(tokens, types, "ByteLevel" in kinds)
 
 
 def _read_json(p: Path) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from mmt_mlx.errors import MmtError
 from mmt_mlx.generate import GenerationChunk
+from mmt_mlx.tool_calls import parse_calls
 
 from . import errors as E
 from .engine import Engine, Job, NotReadyError, QueueFullError
@@ -121,7 +122,22 @@ async def _full(
     finish = last.finish_reason if last is not None else "stop"
     logprob_chunks = kept if prepared.n_logprobs is not None else []
     cached = int(last.cached_tokens) if last is not None else 0
-    return fmt.full("".join(text_parts), logprob_chunks, finish, prompt_n, completion, cached)
+    text = "".join(text_parts)
+    calls = _calls(text, finish) if prepared.tool_calls else None
+    return fmt.full(
+        text, logprob_chunks, finish, prompt_n, completion, tool_calls=calls, cached_tokens=cached
+    )
+
+
+def _calls(text: str, finish: str | None) -> list[dict[str, Any]] | None:
+    """The tool calls of a finished answer; None for text, or for calls cut short by max_tokens (then the
+    raw text goes back with finish_reason "length")."""
+    try:
+        return parse_calls(text)
+    except ValueError:
+        if finish == "length":
+            return None
+        raise
 
 
 async def _sse(
@@ -146,17 +162,33 @@ async def _sse(
                 async for c in chunks:
                     yield c
 
+        held: list[str] | None = None  # the text of an answer that is tool calls, parsed once it is whole
+        seen_text = False
         async for c in all_chunks():
+            finish = c.finish_reason or finish
+            completion = int(c.generation_tokens)
+            prompt_n = int(c.prompt_tokens) or prompt_n
+            cached = int(c.cached_tokens)
+            if prepared.tool_calls and not seen_text and c.text:
+                seen_text = True
+                if c.text.startswith("<"):  # the grammar lets only calls start with "<"
+                    held = []
+            if held is not None:
+                held.append(c.text)
+                continue
             if fmt.top is not None:
                 pending.append(c)
             if c.text:
                 yield sse(fmt.chunk(c.text, pending, with_usage=include_usage, offset=offset))
                 offset += len(c.text)
                 pending = []
-            finish = c.finish_reason or finish
-            completion = int(c.generation_tokens)
-            prompt_n = int(c.prompt_tokens) or prompt_n
-            cached = int(c.cached_tokens)
+        calls = _calls("".join(held), finish) if held is not None else None
+        if calls:
+            for i, call in enumerate(calls):
+                yield sse(fmt.tool_call_chunk(i, call, with_usage=include_usage))
+            finish = "tool_calls"
+        elif held is not None:  # cut short by max_tokens: the raw text, as it is
+            yield sse(fmt.chunk("".join(held), [], with_usage=include_usage))
         yield sse(fmt.chunk(None, pending, finish or "stop", with_usage=include_usage, offset=offset))
         if include_usage:
             yield sse(fmt.usage_chunk(prompt_n, completion, cached))

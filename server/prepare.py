@@ -17,9 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 
+from mmt_mlx.constrain import Grammar, GrammarError, compile_grammar, json_schema_grammar
 from mmt_mlx.errors import MmtError
 from mmt_mlx.request import GenerationRequest, make_request
 from mmt_mlx.sample import SamplingParams
+from mmt_mlx.tool_calls import Tool, choose, parse_tools, prompt_messages, tool_grammar
 
 from . import errors as E
 from .schemas import ChatCompletionRequest, CompletionRequest
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy /v1/completions endpoint
 
 ApiRequest = ChatCompletionRequest | CompletionRequest
+_GRAMMAR_PARAM = {"tools": "tools", "tool_choice": "tool_choice", "lark": "response_format"}
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class PreparedRequest:
     n_logprobs: int | None  # None: no logprobs; k >= 0: the sampled token's and k alternatives
     stream: bool
     include_usage: bool  # a final usage chunk in the stream
+    tool_calls: bool = False  # the answer may be tool calls, to parse into OpenAI tool_calls
 
 
 async def read_json(request: Request, limit: int) -> dict[str, Any]:
@@ -113,13 +117,53 @@ def sampling_params(req: ApiRequest) -> SamplingParams:
     return SamplingParams(**kw)
 
 
-def _prompt_ids(lm: LoadedModel, req: ApiRequest) -> tuple[list[int], str]:
+def _tools(lm: LoadedModel, req: ChatCompletionRequest) -> tuple[list[Tool] | None, str]:
+    """The tools the model is told about and the mode ("none", "auto", "required"); (None, "none")
+    without tools. Raises GrammarError for bad tools or tool_choice."""
+    if not req.tools:
+        if req.tool_choice not in (None, "none", "auto"):
+            raise GrammarError("tool_choice", "tool_choice needs tools")
+        return None, "none"
+    tools = parse_tools(req.tools)
+    mode, callable_tools = choose(tools, req.tool_choice)
+    return (None if mode == "none" else callable_tools), mode
+
+
+def _grammar(lm: LoadedModel, req: ApiRequest, tools: list[Tool] | None, mode: str) -> Grammar | None:
+    """The grammar for response_format and tools, if any (GrammarError names a bad schema)."""
+    tok, fmt = lm.tokenizer, req.response_format
+    schema = None
+    if fmt is not None and fmt.type == "json_object":
+        schema = {"type": "object"}
+    elif fmt is not None and fmt.type == "json_schema" and fmt.json_schema is not None:
+        schema = fmt.json_schema.schema_
+    if tools is not None:
+        # a named tool_choice asks for one call of that function; otherwise parallel_tool_calls decides
+        named = isinstance(getattr(req, "tool_choice", None), dict)
+        parallel = getattr(req, "parallel_tool_calls", None) is not False and not named
+        if schema is not None and mode == "auto":
+            json_schema_grammar(schema)  # checked on its own first, for a clear message
+        if fmt is not None and fmt.type in ("regex", "lark"):
+            raise GrammarError(fmt.type, "a regex or lark response_format cannot be combined with tools")
+        return tool_grammar(tok, tools, mode, parallel, schema)
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return compile_grammar(tok, "json_object")
+    if fmt.type == "json_schema" and fmt.json_schema is not None:
+        lenient = fmt.json_schema.strict is False  # strict or unset: unknown keywords are refused
+        return compile_grammar(tok, "json_schema", schema, lenient=lenient)
+    return compile_grammar(tok, fmt.type, getattr(fmt, fmt.type))
+
+
+def _prompt_ids(lm: LoadedModel, req: ApiRequest, tools: list[Tool] | None) -> tuple[list[int], str]:
     """Prompt token ids and the echo text. A chat template's control tokens become their ids, and the
     tokenizer adds its default BOS unless the template already starts with it."""
     tok = lm.tokenizer
     if isinstance(req, ChatCompletionRequest):
-        messages = [m.for_template() for m in req.messages]
-        return list(tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))), ""
+        messages, extra = prompt_messages(tok, [m.for_template() for m in req.messages], tools)
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, **extra)
+        return list(tok.encode(text)), ""
     if isinstance(req.prompt, str):
         return list(tok.encode(req.prompt)), req.prompt if req.echo else ""
     ids = [int(t) for t in req.prompt]
@@ -131,17 +175,24 @@ def prepare(lm: LoadedModel, req: ApiRequest) -> PreparedRequest:
     chat = isinstance(req, ChatCompletionRequest)
     param = "messages" if chat else "prompt"
     try:
-        ids, echo = _prompt_ids(lm, req)
+        tools, mode = _tools(lm, req) if isinstance(req, ChatCompletionRequest) else (None, "none")
+        grammar = _grammar(lm, req, tools, mode)
+    except GrammarError as exc:
+        raise E.invalid_request(str(exc), _GRAMMAR_PARAM.get(exc.kind, "response_format")) from None
+    try:
+        ids, echo = _prompt_ids(lm, req, tools)
         max_tokens = req.max_new_tokens()
         if max_tokens is None and not chat:
             max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS  # chat's default: the whole context left
         n_lp = req.n_logprobs()
         generation = make_request(
             lm, ids, max_tokens=max_tokens, sampling=sampling_params(req), stop=req.stop_list(),
-            logprobs=max(n_lp, 1) if n_lp is not None else 0,
+            logprobs=max(n_lp, 1) if n_lp is not None else 0, grammar=grammar,
         )  # fmt: skip
         if isinstance(req, CompletionRequest) and req.echo and not isinstance(req.prompt, str):
             echo = lm.tokenizer.decode(ids)  # only once the ids are known to be in the vocabulary
     except MmtError as exc:
         raise E.from_mmt_error(exc, param) from None
-    return PreparedRequest(generation, chat, echo, n_lp, bool(req.stream), req.include_usage())
+    return PreparedRequest(
+        generation, chat, echo, n_lp, bool(req.stream), req.include_usage(), tool_calls=tools is not None
+    )

@@ -124,11 +124,16 @@ class Formatter:
     # -- whole responses -------------------------------------------------------------------------------
 
     def full(self, text: str, chunks: list[Any], finish_reason: str | None, prompt_tokens: int,
-             completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:  # fmt: skip
-        finish = finish_reason or "stop"
+             completion_tokens: int, tool_calls: list[dict[str, Any]] | None = None,
+             cached_tokens: int = 0) -> dict[str, Any]:  # fmt: skip
+        finish = "tool_calls" if tool_calls else finish_reason or "stop"
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                      "logprobs": self._logprobs(chunks), "finish_reason": finish}  # fmt: skip
+            message: dict[str, Any] = {"role": "assistant", "content": None if tool_calls else text,
+                                       "refusal": None}  # fmt: skip
+            if tool_calls:
+                message["tool_calls"] = tool_calls
+            choice = {"index": 0, "message": message, "logprobs": self._logprobs(chunks),
+                      "finish_reason": finish}  # fmt: skip
             body = self._head("chat.completion")
         else:
             choice = {"index": 0, "text": text, "logprobs": self._logprobs(chunks), "finish_reason": finish}
@@ -157,6 +162,15 @@ class Formatter:
                       "logprobs": self._logprobs(chunks, offset) if chunks else None,
                       "finish_reason": finish_reason}  # fmt: skip
         body["choices"] = [choice]
+        if with_usage:
+            body["usage"] = None
+        return body
+
+    def tool_call_chunk(self, index: int, call: dict[str, Any], with_usage: bool = False) -> dict[str, Any]:
+        """One stream event carrying a whole tool call (id, name and all its arguments)."""
+        body = self._head("chat.completion.chunk")
+        delta = {"tool_calls": [dict(call, index=index)]}
+        body["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]
         if with_usage:
             body["usage"] = None
         return body

@@ -1,8 +1,10 @@
 """Request bodies of the OpenAI-compatible endpoints (pydantic, strict types, unknown fields ignored).
 
 Strict mode: ``"temperature": "0.5"`` or ``"stream": "yes"`` are 400s, as with OpenAI, instead of being
-coerced. Features the runtime cannot honour (n > 1, JSON response formats, tools, suffix, best_of > 1) are
-refused with a 400 that says so, never silently ignored.
+coerced. Features the runtime cannot honour (n > 1, suffix, best_of > 1, legacy ``functions``) are refused
+with a 400 that says so, never silently ignored. ``response_format`` takes OpenAI's ``text``,
+``json_object`` and ``json_schema``, and two extensions: ``{"type": "regex", "regex": "..."}`` and
+``{"type": "lark", "lark": "..."}`` (llguidance's Lark dialect).
 """
 
 from __future__ import annotations
@@ -23,9 +25,48 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Strict):
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: Any = Field(None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Strict):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: Any = None
+    type: Literal["text", "json_object", "json_schema", "regex", "lark"]
+    json_schema: JsonSchemaFormat | None = None
+    regex: str | None = None
+    lark: str | None = None
+
+    @model_validator(mode="after")
+    def _fields(self) -> ResponseFormat:
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+            raise ValueError("response_format json_schema needs json_schema.schema")
+        if self.type in ("regex", "lark") and not getattr(self, self.type):
+            raise ValueError(f"response_format type '{self.type}' needs a non-empty '{self.type}' string")
+        return self
+
+
+class ToolCallFunction(_Strict):
+    name: str
+    arguments: str
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_arguments(cls, v: str) -> str:
+        import json
+
+        try:
+            json.loads(v)
+        except json.JSONDecodeError:
+            raise ValueError("tool call arguments must be a JSON string") from None
+        return v
+
+
+class ToolCall(_Strict):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
 
 
 class ContentPart(_Strict):
@@ -37,6 +78,8 @@ class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn's earlier calls
+    tool_call_id: str | None = None  # a tool result: the call it answers
 
     @field_validator("content")
     @classmethod
@@ -61,7 +104,17 @@ class ChatMessage(_Strict):
         msg: dict[str, Any] = {"role": role, "content": self.text()}
         if self.name is not None:
             msg["name"] = self.name
+        if self.tool_calls:
+            msg["tool_calls"] = [_call_dict(c) for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            msg["tool_call_id"] = self.tool_call_id
         return msg
+
+
+def _call_dict(c: ToolCall) -> dict[str, Any]:
+    import json
+
+    return {"name": c.function.name, "arguments": json.loads(c.function.arguments)}
 
 
 class _Common(_Strict):
@@ -121,16 +174,6 @@ class _Common(_Strict):
             raise ValueError(f"n={v} is not supported: this server returns exactly one choice (n=1)")
         return v
 
-    @field_validator("response_format")
-    @classmethod
-    def _response_format(cls, v: ResponseFormat | None) -> ResponseFormat | None:
-        if v is not None and v.type != "text":
-            raise ValueError(
-                f"response_format type '{v.type}' is not supported: this server has no constrained decoding "
-                "(only {'type': 'text'})"
-            )
-        return v
-
     def stop_list(self) -> list[str] | None:
         return self.stop  # type: ignore[return-value]  # normalised by the validator
 
@@ -151,13 +194,19 @@ class ChatCompletionRequest(_Common):
     tools: list[Any] | None = None
     functions: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+
+    @field_validator("functions")
+    @classmethod
+    def _no_functions(cls, v: list[Any] | None) -> list[Any] | None:
+        if v:
+            raise ValueError("the legacy 'functions' field is not supported: send 'tools' instead")
+        return v
 
     @model_validator(mode="after")
     def _checks(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and self.top_logprobs > 0 and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
-        if (self.tools or self.functions) and self.tool_choice != "none":
-            raise ValueError("tools / function calling are not supported by this server")
         return self
 
     def max_new_tokens(self) -> int | None:

@@ -222,3 +222,23 @@ def test_prompt_cache_drops_the_least_recently_used(lm):
     _run_all(gen, [make_request(lm, prompts[2], max_tokens=2)])
     assert len(cache) == 2
     assert cache.lookup(prompts[0] + [7])[0] > 0 and cache.lookup(prompts[1] + [7])[0] == 0
+
+
+def test_grammar_constrained_request_in_a_batch(lm):
+    """Structured output's per-request grammar state rides in the batch: the constrained answer equals the
+    same request alone and parses; the unconstrained neighbours are untouched."""
+    import json
+
+    from mmt_mlx.constrain import compile_grammar
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    grammar = compile_grammar(lm.tokenizer, "json_schema", schema)
+    constrained = make_request(lm, PROMPTS[2], max_tokens=40, grammar=grammar)
+    reqs = _requests(lm, False)[:2] + [constrained]
+    got = _run_all(BatchGenerator(lm, max_batch=3), reqs)
+    alone = list(stream_generate(lm, constrained.prompt, max_tokens=40, grammar=grammar))
+    assert [c.token for c in got[2]] == [c.token for c in alone]
+    if got[2][-1].finish_reason == "stop":
+        assert isinstance(json.loads("".join(c.text for c in got[2]))["n"], int)
+    for i, r in enumerate(reqs[:2]):
+        assert [c.token for c in got[i]] == [c.token for c in _alone(lm, r)]
