@@ -1,17 +1,21 @@
-"""Load test of the OpenAI-compatible server.
+"""Load test of the OpenAI-compatible server: continuous batching and the prompt cache.
 
-Starts a server (a subprocess on 127.0.0.1), then:
+Starts the server (a subprocess on 127.0.0.1) and, in one run:
 
-1. serves every request alone, one after another (the reference outputs);
-2. runs N concurrent streaming clients x M requests each (distinct prompts and seeds, temperature > 0),
-   checks every response equals the same request served alone, and reports throughput and p50/p90/p99 of
-   latency and time to first token;
-3. compares single-request decode tokens/s through the server (measured by the client from the SSE stream,
-   and as the server's own /metrics reports it) with direct ``stream_generate`` in this process.
-   Goal: within 10%.
+1. serves each of 8 requests alone, one after another (the reference outputs; greedy and seeded sampling);
+2. concurrency sweep: 1, 2, 4 and 8 concurrent streams (EOS banned so every stream runs its full length):
+   aggregate decode tokens/s while all streams decode, end-to-end throughput, time-to-first-token
+   percentiles; every response of the 8-stream round must equal the same request served alone;
+3. prompt cache: a two-turn chat (turn 2 resends turn 1) on this server and on a second server started with
+   the prompt cache off: turn-2 time to first token, and the answers must be identical;
+4. single-request decode tokens/s through the server vs direct ``stream_generate`` (within 10%).
 
-    python bench/server_load.py                      # the default model
-    python bench/server_load.py --tiny -n 4 -m 3     # tiny random model (fast, for a smoke run)
+Goals (issue 14): aggregate decode at 8 streams >= 3x the 1-stream figure; turn-2 prompt processing >= 5x
+faster with the prompt cache.
+
+    python bench/server_load.py --json bench/results/server-load-smollm2-135m-instruct.json
+    python bench/server_load.py --dense            # the dense (dequantized) model
+    python bench/server_load.py --tiny --max-tokens 16   # tiny random model (fast, for a smoke run)
 """
 
 from __future__ import annotations
@@ -42,14 +46,14 @@ PROMPTS = [
 ]
 
 
-def _loader(tiny: bool, model: str | None):
+def _loader(tiny: bool, model: str | None, dense: bool = False):
     if tiny:
         from mmt_mlx.testing import tiny_model
 
         return tiny_model
     from mmt_mlx.loader import load_model
 
-    return lambda: load_model(model)
+    return lambda: load_model(model, dense=dense)
 
 
 def run_server(args: argparse.Namespace) -> None:
@@ -57,7 +61,8 @@ def run_server(args: argparse.Namespace) -> None:
     import uvicorn
     from mmt_mlx.server.app import create_app
 
-    app = create_app(_loader(args.tiny, args.model), max_queue=args.clients * args.requests + 4)
+    app = create_app(_loader(args.tiny, args.model, args.dense), max_queue=64, max_batch=args.max_batch,
+                     prompt_cache_bytes=int(args.prompt_cache_mb * 1024 * 1024))  # fmt: skip
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 
 
@@ -67,9 +72,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, os.path.abspath(__file__), "--serve", "--port", str(port), "-n", str(args.clients),
-           "-m", str(args.requests)] + (["--tiny"] if args.tiny else []) + (["--model", args.model] if args.model else [])  # fmt: skip
+def start_server(
+    args: argparse.Namespace, port: int, prompt_cache_mb: float | None = None
+) -> subprocess.Popen:
+    mb = args.prompt_cache_mb if prompt_cache_mb is None else prompt_cache_mb
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--serve",
+        "--port",
+        str(port),
+        "--max-batch",
+        str(args.max_batch),
+        "--prompt-cache-mb",
+        str(mb),
+    ]
+    cmd += (["--tiny"] if args.tiny else []) + (["--model", args.model] if args.model else [])
+    cmd += ["--dense"] if args.dense else []  # fmt: skip
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 600
@@ -136,17 +155,6 @@ def pct(values: list[float], q: float) -> float:
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
-async def load_phase(url: str, bodies: list[list[dict[str, Any]]]) -> tuple[list[list[Result]], float]:
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-
-        async def one_client(reqs: list[dict[str, Any]]) -> list[Result]:
-            return [await stream_request(client, b) for b in reqs]
-
-        t0 = time.perf_counter()
-        results = await asyncio.gather(*(one_client(reqs) for reqs in bodies))
-        return list(results), time.perf_counter() - t0
-
-
 async def serial(url: str, bodies: list[dict[str, Any]]) -> list[Result]:
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         return [await stream_request(client, b) for b in bodies]
@@ -164,7 +172,7 @@ def decode_comparison(args: argparse.Namespace, url: str, model_name: str) -> di
     from mmt_mlx.generate import stream_generate
     from mmt_mlx.sample import SamplingParams
 
-    lm = _loader(args.tiny, args.model)()
+    lm = _loader(args.tiny, args.model, args.dense)()
     tok = lm.tokenizer
     messages = [{"role": "user", "content": PROMPTS[0]}]
     bias = {str(e): -100.0 for e in tok.eos_ids}
@@ -198,15 +206,126 @@ def decode_comparison(args: argparse.Namespace, url: str, model_name: str) -> di
     return out
 
 
+def decode_window_tps(results: list[Result]) -> float:
+    """Aggregate tokens/s while every stream decodes: SSE events between the last first token and the first
+    last token, over that window's length (prefill and the tail where streams have left excluded)."""
+    start = max(r.first_token_at for r in results)
+    end = min(r.last_token_at for r in results)
+    if end <= start:
+        return float("nan")
+    n = sum(1 for r in results for t in r.events if start < t <= end)
+    return n / (end - start)
+
+
+async def concurrent(url: str, bodies: list[dict[str, Any]]) -> tuple[list[Result], float]:
+    async with httpx.AsyncClient(base_url=url, timeout=1800) as client:
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(stream_request(client, b) for b in bodies))
+        return list(results), time.perf_counter() - t0
+
+
+def sweep_bodies(model_name: str, n: int, max_tokens: int, ban: dict[str, float]) -> list[dict[str, Any]]:
+    """n distinct requests: even ones greedy, odd ones seeded sampling; EOS banned (full-length streams).
+    No top-p: its sort of the vocabulary per token would weigh on small models' steps more than the batch."""
+    out = []
+    for i in range(n):
+        body = {"model": model_name, "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                "max_tokens": max_tokens, "logit_bias": ban, "temperature": 0.0}  # fmt: skip
+        if i % 2:
+            body.update(temperature=0.8, seed=100 + i)
+        out.append(body)
+    return out
+
+
+def concurrency_sweep(args: argparse.Namespace, url: str, model_name: str, ban: dict[str, float]) -> dict:
+    alone = asyncio.run(serial(url, sweep_bodies(model_name, 8, args.max_tokens, ban)))
+    rounds: dict[str, Any] = {}
+    for n in args.streams:
+        results, wall = asyncio.run(concurrent(url, sweep_bodies(model_name, n, args.max_tokens, ban)))
+        ttft = [r.ttft for r in results]
+        rounds[str(n)] = {
+            "decode_tok_s": decode_window_tps(results),
+            "throughput_tok_s": sum(r.tokens for r in results) / wall,
+            "wall_s": wall,
+            "ttft_s": {f"p{q}": pct(ttft, q) for q in (50, 90, 99)},
+            "mismatches": sum(a.text != b.text for a, b in zip(alone, results)),
+        }
+        r = rounds[str(n)]
+        print(f"{n} streams: decode {r['decode_tok_s']:.2f} tok/s aggregate, end-to-end {r['throughput_tok_s']:.2f}"
+              f" tok/s, ttft p50/p90/p99 " + "/".join(f"{v:.2f}" for v in r["ttft_s"].values())
+              + f" s, {n - r['mismatches']}/{n} equal to alone", flush=True)  # fmt: skip
+    base = rounds[str(args.streams[0])]["decode_tok_s"]
+    for r in rounds.values():
+        r["speedup_vs_1"] = r["decode_tok_s"] / base
+    return rounds
+
+
+def chat_turns(
+    url: str, model_name: str, max_tokens: int, ban: dict[str, float], repeat: int
+) -> dict[str, Any]:
+    """Turn 1, then turn 2 resending turn 1 (greedy): each turn's time to first token and answer."""
+    system = "You are a careful assistant. " + " ".join(PROMPTS) * repeat  # a long shared context
+    msgs = [{"role": "system", "content": system}, {"role": "user", "content": PROMPTS[0]}]
+    body = {"model": model_name, "max_tokens": max_tokens, "temperature": 0.0, "logit_bias": ban}
+    r1 = asyncio.run(serial(url, [dict(body, messages=msgs)]))[0]
+    msgs = msgs + [{"role": "assistant", "content": r1.text}, {"role": "user", "content": PROMPTS[1]}]
+    r2 = asyncio.run(serial(url, [dict(body, messages=msgs)]))[0]
+    reused = read_metric(url, "mmt_prompt_tokens_cached_total")
+    return {"turn1_ttft_s": r1.ttft, "turn2_ttft_s": r2.ttft, "turn2_text": r2.text, "tokens_reused": reused}
+
+
+def prompt_cache_phase(args: argparse.Namespace, url: str, model_name: str, ban: dict[str, float]) -> dict:
+    """The chat on a second server with the prompt cache on, and on the main one (prompt cache off)."""
+    repeat = 1 if args.tiny else args.chat_context
+    port = free_port()
+    proc = start_server(args, port, prompt_cache_mb=args.prompt_cache_mb)
+    try:
+        warm = chat_turns(f"http://127.0.0.1:{port}", model_name, args.chat_tokens, ban, repeat)
+    finally:
+        stop_server(proc)
+    cold = chat_turns(url, model_name, args.chat_tokens, ban, repeat)
+    out = {"with_cache": warm, "without_cache": cold, "identical": warm["turn2_text"] == cold["turn2_text"],
+           "turn2_ttft_speedup": cold["turn2_ttft_s"] / warm["turn2_ttft_s"]}  # fmt: skip
+    print(f"turn 2 time to first token: {warm['turn2_ttft_s']:.2f} s with the prompt cache "
+          f"({warm['tokens_reused']:.0f} tokens reused), {cold['turn2_ttft_s']:.2f} s without: "
+          f"{out['turn2_ttft_speedup']:.1f}x; answers identical: {out['identical']}", flush=True)  # fmt: skip
+    return out
+
+
+def read_metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return float("nan")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model argument (default: the default model)")
+    ap.add_argument("--dense", action="store_true", help="the dense (dequantized) model instead of FGS codes")
     ap.add_argument("--tiny", action="store_true", help="use mmt_mlx.testing.tiny_model()")
-    ap.add_argument("-n", "--clients", type=int, default=4, help="concurrent streaming clients")
-    ap.add_argument("-m", "--requests", type=int, default=3, help="requests per client")
-    ap.add_argument("--max-tokens", type=int, default=48)
-    ap.add_argument("--decode-tokens", type=int, default=128, help="tokens for the decode-speed comparison")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8], help="concurrency levels")
+    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--prompt-cache-mb", type=float, default=512)
+    ap.add_argument("--max-tokens", type=int, default=32, help="tokens per stream in the sweep")
+    ap.add_argument("--chat-tokens", type=int, default=16, help="tokens per chat turn (prompt-cache phase)")
+    ap.add_argument(
+        "--chat-context",
+        type=int,
+        default=12,
+        help="copies of the prompt list in the chat's system message (12: ~850 tokens)",
+    )
+    ap.add_argument("--decode-tokens", type=int, default=32, help="tokens for the direct decode comparison")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--skip-direct", action="store_true", help="skip the server-vs-direct decode comparison")
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -216,67 +335,44 @@ def main() -> None:
         return
 
     port = free_port()
-    proc = start_server(args, port)
+    proc = start_server(args, port, prompt_cache_mb=0)  # the sweep measures batching alone
     url = f"http://127.0.0.1:{port}"
     try:
         model_name = httpx.get(url + "/health").json()["model"]
-        bodies = [[{"model": model_name, "messages": [{"role": "user", "content": PROMPTS[(c * 3 + j) % len(PROMPTS)]}],
-                    "max_tokens": args.max_tokens, "temperature": 0.8, "seed": 1000 * c + j}
-                   for j in range(args.requests)] for c in range(args.clients)]  # fmt: skip
-        flat = [b for reqs in bodies for b in reqs]
+        lm = _loader(args.tiny, args.model, args.dense)()  # for the tokenizer's EOS ids
+        ban = {str(e): -100.0 for e in lm.tokenizer.eos_ids}
+        del lm
         print(
-            f"model {model_name}: {args.clients} clients x {args.requests} requests, max_tokens {args.max_tokens}"
+            f"model {model_name}{' (dense)' if args.dense else ''}, load average {os.getloadavg()}",
+            flush=True,
         )
-        asyncio.run(serial(url, flat[:1]))  # warm-up
-        t0 = time.perf_counter()
-        alone = asyncio.run(serial(url, flat))
-        serial_wall = time.perf_counter() - t0
-        results, wall = asyncio.run(load_phase(url, bodies))
-        got = [r for rs in results for r in rs]
-        mismatches = sum(a.text != b.text for a, b in zip(alone, got))
-        tokens = sum(r.tokens for r in got)
-        lat = [r.latency for r in got]
-        ttft = [r.ttft for r in got]
+        asyncio.run(serial(url, sweep_bodies(model_name, 1, 4, ban)))  # warm-up
         summary: dict[str, Any] = {
-            "model": model_name, "clients": args.clients, "requests_per_client": args.requests,
-            "requests": len(got), "mismatches": mismatches, "completion_tokens": tokens,
-            "wall_s": wall, "serial_wall_s": serial_wall,
-            "throughput_tok_s": tokens / wall, "requests_per_s": len(got) / wall,
-            "latency_s": {f"p{q}": pct(lat, q) for q in (50, 90, 99)},
-            "ttft_s": {f"p{q}": pct(ttft, q) for q in (50, 90, 99)},
+            "model": model_name, "dense": args.dense, "max_tokens": args.max_tokens,
+            "load_average_start": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         }  # fmt: skip
-        print(f"outputs equal to the same request served alone: {len(got) - mismatches}/{len(got)}")
-        print(f"throughput: {summary['throughput_tok_s']:.1f} tok/s, {summary['requests_per_s']:.2f} req/s "
-              f"(wall {wall:.1f}s; the same requests one by one: {serial_wall:.1f}s)")  # fmt: skip
-        print("latency  p50/p90/p99: " + " / ".join(f"{v:.2f}s" for v in summary["latency_s"].values()))
-        print("ttft     p50/p90/p99: " + " / ".join(f"{v:.2f}s" for v in summary["ttft_s"].values()))
-        dec = decode_comparison(args, url, model_name)
-        summary["decode_tok_s"] = dec
-        ratio_c, ratio_s = dec["client_measured"] / dec["direct"], dec["server_reported"] / dec["direct"]
-        best_c = dec["client_measured_best"] / dec["direct_best"]
-        print(f"single-request decode ({args.decode_tokens} tokens, median of {args.repeats}): direct "
-              f"{dec['direct']:.1f} tok/s; through the server {dec['server_reported']:.1f} tok/s as the server "
-              f"measures it ({ratio_s:.1%}), {dec['client_measured']:.1f} tok/s as the client sees the stream "
-              f"({ratio_c:.1%})")  # fmt: skip
-        print(f"best of {args.repeats}: direct {dec['direct_best']:.1f} tok/s, through the server (client-side) "
-              f"{dec['client_measured_best']:.1f} tok/s ({best_c:.1%})")  # fmt: skip
-        ok = mismatches == 0 and max(ratio_c, best_c) >= 0.9
-        print(
-            "PASS" if ok else "FAIL",
-            "(outputs identical; client-side decode speed within 10% of direct, "
-            "median or best of N: the best is the robust figure on a busy machine)",
+        summary["streams"] = concurrency_sweep(args, url, model_name, ban)
+        summary["prompt_cache"] = prompt_cache_phase(args, url, model_name, ban)
+        if not args.skip_direct:
+            summary["decode_tok_s"] = decode_comparison(args, url, model_name)
+        summary["load_average_end"] = os.getloadavg()
+        summary["server_peak_rss_bytes"] = read_metric(url, "mmt_process_peak_rss_bytes")
+        print(f"server peak memory: {summary['server_peak_rss_bytes'] / 2**20:.0f} MiB")
+        top = summary["streams"][str(args.streams[-1])]
+        print(f"aggregate decode at {args.streams[-1]} streams: {top['speedup_vs_1']:.2f}x one stream (goal 3x); "
+              f"turn-2 prompt cache speedup {summary['prompt_cache']['turn2_ttft_speedup']:.1f}x (goal 5x)")  # fmt: skip
+        ok = (
+            all(r["mismatches"] == 0 for r in summary["streams"].values())
+            and summary["prompt_cache"]["identical"]
         )
+        print("outputs identical to the same requests served alone / cold:", "PASS" if ok else "FAIL")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(summary, f, indent=2)
         if not ok:
             sys.exit(1)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 ``KVCache`` grows a preallocated buffer in steps (no O(T) copy per token). ``SlidingKVCache`` keeps only the
 last ``window - 1`` positions once a step is done, so a sliding-window layer's memory is bounded by its window.
 Both report the absolute position of the first key they return, which the attention mask is built from.
+``BatchCache`` groups one layer's caches of the requests decoded together in a continuous batch.
+``prefix_copy`` gives a new cache holding the first tokens of another (what the prompt cache reuses).
 """
 
 from __future__ import annotations
@@ -44,8 +46,9 @@ class KVCache:
 class SlidingKVCache:
     """Cache for a sliding-window layer: a query at position p sees keys at p - window + 1 .. p."""
 
-    def __init__(self, window: int) -> None:
+    def __init__(self, window: int, slack: int = 0) -> None:
         self.window = window
+        self.slack = slack  # extra old keys kept (masked out) so a prefix a little shorter stays reusable
         self.keys: mx.array | None = None
         self.values: mx.array | None = None
         self.offset = 0
@@ -59,7 +62,7 @@ class SlidingKVCache:
             all_v = mx.concatenate([self.values, values], axis=2)
         start = self.start
         self.offset += keys.shape[2]
-        keep = min(self.window - 1, all_k.shape[2])  # what the next query can still see
+        keep = min(self.window - 1 + self.slack, all_k.shape[2])  # what the next query can still see
         self.keys, self.values = all_k[..., -keep:, :], all_v[..., -keep:, :]
         self.start = self.offset - keep
         return all_k, all_v, start
@@ -67,3 +70,45 @@ class SlidingKVCache:
     @property
     def state(self) -> list[mx.array]:
         return [a for a in (self.keys, self.values) if a is not None]
+
+
+class BatchCache:
+    """One layer's caches of the requests in a batch, row i of the batch being ``caches[i]``."""
+
+    def __init__(self, caches: list) -> None:
+        self.caches = caches
+
+
+LayerCache = KVCache | SlidingKVCache
+
+
+def reusable_prefix(cache: LayerCache, n: int) -> bool:
+    """Whether the first ``n`` tokens' state can be cut out of ``cache`` exactly (for a query at position n)."""
+    if n > cache.offset:
+        return False
+    if isinstance(cache, SlidingKVCache):
+        # the next query (position n) sees keys n - window + 1 .. n - 1: they must all still be stored
+        return cache.start <= max(0, n - cache.window + 1)
+    return True
+
+
+def prefix_copy(cache: LayerCache, n: int) -> LayerCache:
+    """A new cache holding the first ``n`` tokens of ``cache`` (``reusable_prefix`` must hold).
+
+    MLX arrays are immutable values, so the slices share nothing the new cache's updates could change."""
+    if isinstance(cache, SlidingKVCache):
+        out: LayerCache = SlidingKVCache(cache.window, cache.slack)
+        out.start = cache.start
+        stored = n - cache.start
+    else:
+        out = KVCache()
+        stored = n
+    if n > 0 and cache.keys is not None:
+        out.keys = mx.array(cache.keys[..., :stored, :])
+        out.values = mx.array(cache.values[..., :stored, :])
+    out.offset = n
+    return out
+
+
+def nbytes(cache: LayerCache) -> int:
+    return sum(a.nbytes for a in cache.state)

@@ -137,12 +137,18 @@ def cmd_serve(a: argparse.Namespace) -> int:
         raise MmtError("--port must be in 1..65535")
     if a.max_queue < 1:
         raise MmtError("--max-queue must be at least 1")
+    if a.max_batch < 1:
+        raise MmtError("--max-batch must be at least 1")
+    if a.prompt_cache_mb < 0:
+        raise MmtError("--prompt-cache-mb must be >= 0")
     serve(
         a.model,
         host=a.host,
         port=a.port,
         api_key=a.api_key or os.environ.get("MMT_API_KEY"),
         max_queue=a.max_queue,
+        max_batch=a.max_batch,
+        prompt_cache_bytes=int(a.prompt_cache_mb * 1024 * 1024),
     )
     return 0
 
@@ -198,6 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8080)
     s.add_argument("--api-key", default=None, help="require this Bearer key (or set MMT_API_KEY)")
     s.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond this get HTTP 429")
+    s.add_argument("--max-batch", type=int, default=8, help="requests decoded together (continuous batching)")
+    s.add_argument(
+        "--prompt-cache-mb",
+        type=float,
+        default=512,
+        help="KV state of finished requests kept for reuse by prompts sharing a prefix (0: off)",
+    )
     s.set_defaults(func=cmd_serve)
 
     add_bench_parser(sub)

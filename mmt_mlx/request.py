@@ -9,8 +9,11 @@ prompt-cache key) belongs in this dataclass as one more field, read by the gener
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+import mlx.core as mx
 
 from mmt_mlx.errors import ContextLengthError, EmptyPromptError, MmtError, TokenIdError
 from mmt_mlx.sample import SamplingParams
@@ -18,6 +21,10 @@ from mmt_mlx.sample import SamplingParams
 if TYPE_CHECKING:
     from mmt_mlx.build import LoadedModel
     from mmt_mlx.constrain import Grammar
+
+
+# (tokens so far: prompt + generated, this step's (vocab,) f32 logits) -> logits; e.g. a structured-output mask
+LogitsProcessor = Callable[[list[int], mx.array], mx.array]
 
 
 @dataclass(frozen=True)
@@ -29,6 +36,8 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)  # seed and logit bias included
     stop: tuple[str, ...] = ()  # stop strings (non-empty), matched on the decoded text
     logprobs: int = 0  # 0: none; k >= 1: the sampled token's logprob and the k most likely alternatives
+    # applied in order after the sampler's bias and penalties, before sampling; per request (their own state)
+    logits_processors: tuple[LogitsProcessor, ...] = ()
     grammar: Grammar | None = None  # structured output: every generated token must keep to it
 
 
@@ -49,6 +58,7 @@ def make_request(
     sampling: SamplingParams | None = None,
     stop: list[str] | tuple[str, ...] | None = None,
     logprobs: int = 0,
+    logits_processors: tuple[LogitsProcessor, ...] = (),
     grammar: Grammar | None = None,
 ) -> GenerationRequest:
     """Check a request against ``lm`` and return it in the form the generator runs.
@@ -78,4 +88,4 @@ def make_request(
     left = context - len(ids)
     budget = left if max_tokens is None else max(0, min(int(max_tokens), left))
     stops = tuple(s for s in stop or () if s)
-    return GenerationRequest(ids, budget, sampling, stops, logprobs, grammar)
+    return GenerationRequest(ids, budget, sampling, stops, logprobs, tuple(logits_processors), grammar)

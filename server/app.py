@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("mmt_mlx.server")
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_BATCH = 8
+DEFAULT_PROMPT_CACHE_BYTES = 512 * 1024 * 1024
 OWNER = "mmt_mlx"
 
 
@@ -45,18 +47,23 @@ def create_app(
     *,
     aliases: Iterable[str] = (),
     max_body_bytes: int = MAX_BODY_BYTES,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
     generate_fn: GenerateFn | None = None,
 ) -> FastAPI:
     """An app serving the model ``loader()`` returns; loading runs in the generation thread at startup.
 
-    ``max_queue``: requests that may wait behind the one being generated (more get 429).
+    ``max_batch``: requests generated together (continuous batching); ``max_queue``: requests that may wait
+    behind them (more get 429). ``prompt_cache_bytes``: KV state of finished requests kept for prompts that
+    share a prefix with them (0: no prompt cache).
     ``aliases``: extra names accepted in the ``model`` field. ``generate_fn`` replaces
     ``mmt_mlx.generate.generate_request`` (tests, benchmarks).
     """
     metrics = Metrics()
     engine = Engine(
-        loader, max_queue=max_queue, generate_fn=generate_fn, on_generation=metrics.record_generation
-    )
+        loader, max_queue=max_queue, max_batch=max_batch, prompt_cache_bytes=prompt_cache_bytes,
+        generate_fn=generate_fn, on_generation=metrics.record_generation,
+    )  # fmt: skip
     alias_list = [a for a in aliases if a]
 
     @asynccontextmanager
@@ -155,6 +162,8 @@ def serve(
     port: int = 8080,
     api_key: str | None = None,
     max_queue: int = 16,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
 ) -> None:
     """Serve ``model`` (None: the default model) until interrupted; raises MmtError if it fails to load."""
     import threading
@@ -165,12 +174,17 @@ def serve(
 
     if max_queue < 0:
         raise MmtError("max_queue must be >= 0")
+    if max_batch < 1:
+        raise MmtError("max_batch must be >= 1")
+    if prompt_cache_bytes < 0:
+        raise MmtError("the prompt cache size must be >= 0")
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning(
             "listening on %s without --api-key: anyone who can reach this port can use the model", host
         )
     app = create_app(lambda: load_model(model), api_key=api_key, max_queue=max_queue,
-                     aliases=[model] if model else [])  # fmt: skip
+                     aliases=[model] if model else [], max_batch=max_batch,
+                     prompt_cache_bytes=prompt_cache_bytes)  # fmt: skip
     engine: Engine = app.state.engine
     sock = _bind(host, port)
     config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)

@@ -121,9 +121,12 @@ async def _full(
     )
     finish = last.finish_reason if last is not None else "stop"
     logprob_chunks = kept if prepared.n_logprobs is not None else []
+    cached = int(last.cached_tokens) if last is not None else 0
     text = "".join(text_parts)
     calls = _calls(text, finish) if prepared.tool_calls else None
-    return fmt.full(text, logprob_chunks, finish, prompt_n, completion, tool_calls=calls)
+    return fmt.full(
+        text, logprob_chunks, finish, prompt_n, completion, tool_calls=calls, cached_tokens=cached
+    )
 
 
 def _calls(text: str, finish: str | None) -> list[dict[str, Any]] | None:
@@ -142,7 +145,7 @@ async def _sse(
     chunks: AsyncIterator[GenerationChunk],
 ) -> AsyncIterator[bytes]:  # fmt: skip
     finish: str | None = None
-    completion = 0
+    completion = cached = 0
     prompt_n = len(prepared.generation.prompt)
     echo, include_usage = prepared.echo, prepared.include_usage
     offset = len(echo)
@@ -165,6 +168,7 @@ async def _sse(
             finish = c.finish_reason or finish
             completion = int(c.generation_tokens)
             prompt_n = int(c.prompt_tokens) or prompt_n
+            cached = int(c.cached_tokens)
             if prepared.tool_calls and not seen_text and c.text:
                 seen_text = True
                 if c.text.startswith("<"):  # the grammar lets only calls start with "<"
@@ -187,7 +191,7 @@ async def _sse(
             yield sse(fmt.chunk("".join(held), [], with_usage=include_usage))
         yield sse(fmt.chunk(None, pending, finish or "stop", with_usage=include_usage, offset=offset))
         if include_usage:
-            yield sse(fmt.usage_chunk(prompt_n, completion))
+            yield sse(fmt.usage_chunk(prompt_n, completion, cached))
         yield SSE_DONE
     except MmtError as exc:
         yield sse(E.from_mmt_error(exc, "messages" if prepared.chat else "prompt").body())

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import collections
+import sys
 import threading
 from collections import defaultdict
 
 from .engine import EngineGauges, GenerationStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+TTFT_WINDOW = 512  # time-to-first-token quantiles are over this many latest requests
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set (0 where the platform does not report it)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
 
 
 def _esc(value: str) -> str:
@@ -28,6 +41,10 @@ class Metrics:
         self.generation_seconds = 0.0
         self.last_prompt_tps = 0.0
         self.last_generation_tps = 0.0
+        self.cached_prompt_tokens = 0
+        self.ttft_count = 0
+        self.ttft_sum = 0.0
+        self.ttft_recent: collections.deque[float] = collections.deque(maxlen=TTFT_WINDOW)
 
     def count_request(self, endpoint: str, status: int) -> None:
         with self._lock:
@@ -42,6 +59,11 @@ class Metrics:
             self.cancelled += int(cancelled)
             self.prompt_tokens += prompt_tokens
             self.generation_tokens += generation_tokens
+            self.cached_prompt_tokens += stats.cached_tokens
+            if stats.ttft is not None:
+                self.ttft_count += 1
+                self.ttft_sum += stats.ttft
+                self.ttft_recent.append(stats.ttft)
             if prompt_tokens > 0 and prompt_tps > 0:
                 self.prompt_seconds += prompt_tokens / prompt_tps
                 self.last_prompt_tps = prompt_tps
@@ -86,11 +108,29 @@ class Metrics:
                    "average over all requests).",
                    [('{stat="last"}', float(self.last_generation_tps)),
                     ('{stat="avg"}', float(self.avg_generation_tps()))])  # fmt: skip
+            ttft = sorted(self.ttft_recent)
+            metric("mmt_prompt_tokens_cached_total", "counter", "Prompt tokens reused from the prompt cache "
+                   "(not recomputed).", [("", self.cached_prompt_tokens)])  # fmt: skip
+            metric("mmt_time_to_first_token_seconds", "summary", "Seconds from a request's submission to its "
+                   f"first token (quantiles over the last {TTFT_WINDOW} requests).",
+                   [(f'{{quantile="{q}"}}', float(ttft[min(len(ttft) - 1, int(q * len(ttft)))]))
+                    for q in (0.5, 0.9, 0.99) if ttft]
+                   + [("_sum", float(self.ttft_sum)), ("_count", self.ttft_count)])  # fmt: skip
         metric("mmt_queue_depth", "gauge", "Requests waiting for the generation worker.",
                [("", gauges.queue_depth)])  # fmt: skip
         metric("mmt_queue_capacity", "gauge", "Maximum number of waiting requests (more get 429).",
                [("", gauges.max_queue)])  # fmt: skip
-        metric("mmt_requests_running", "gauge", "Requests being generated right now.", [("", gauges.running)])
+        metric("mmt_requests_running", "gauge", "Requests being generated right now (the running batch).",
+               [("", gauges.running)])  # fmt: skip
+        metric(
+            "mmt_batch_capacity", "gauge", "Requests generated together at most.", [("", gauges.max_batch)]
+        )
+        metric("mmt_prompt_cache_bytes", "gauge", "KV-cache bytes held by the prompt cache.",
+               [("", gauges.prompt_cache_bytes)])  # fmt: skip
+        metric("mmt_prompt_cache_entries", "gauge", "Finished requests held by the prompt cache.",
+               [("", gauges.prompt_cache_entries)])  # fmt: skip
+        metric("mmt_process_peak_rss_bytes", "gauge", "Peak resident memory of the server process.",
+               [("", peak_rss_bytes())])  # fmt: skip
         label = f'{{model="{_esc(model)}"}}' if model else ""
         metric("mmt_model_loaded", "gauge", "1 once the model is loaded and the server is ready.",
                [(label, int(loaded))])  # fmt: skip

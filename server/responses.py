@@ -25,11 +25,13 @@ def sse(payload: dict[str, Any] | str) -> bytes:
 SSE_DONE = sse("[DONE]")
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; ``cached_tokens``: prompt tokens taken from the prompt cache."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -122,7 +124,8 @@ class Formatter:
     # -- whole responses -------------------------------------------------------------------------------
 
     def full(self, text: str, chunks: list[Any], finish_reason: str | None, prompt_tokens: int,
-             completion_tokens: int, tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:  # fmt: skip
+             completion_tokens: int, tool_calls: list[dict[str, Any]] | None = None,
+             cached_tokens: int = 0) -> dict[str, Any]:  # fmt: skip
         finish = "tool_calls" if tool_calls else finish_reason or "stop"
         if self.chat:
             message: dict[str, Any] = {"role": "assistant", "content": None if tool_calls else text,
@@ -136,7 +139,7 @@ class Formatter:
             choice = {"index": 0, "text": text, "logprobs": self._logprobs(chunks), "finish_reason": finish}
             body = self._head("text_completion")
         body["choices"] = [choice]
-        body["usage"] = usage(prompt_tokens, completion_tokens)
+        body["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens)
         return body
 
     # -- stream chunks -------------------------------------------------------------------------------------
@@ -172,8 +175,10 @@ class Formatter:
             body["usage"] = None
         return body
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    def usage_chunk(
+        self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+    ) -> dict[str, Any]:
         body = self._head("chat.completion.chunk" if self.chat else "text_completion")
         body["choices"] = []
-        body["usage"] = usage(prompt_tokens, completion_tokens)
+        body["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens)
         return body

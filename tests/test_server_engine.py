@@ -29,7 +29,7 @@ from mmt_mlx.testing import tiny_model
 
 @pytest.fixture(scope="module")
 def slow():
-    s = LiveServer(create_app(tiny_model, max_queue=1, generate_fn=slowed(0.02)))
+    s = LiveServer(create_app(tiny_model, max_queue=1, max_batch=1, generate_fn=slowed(0.02)))
     yield s
     s.close()
 

@@ -1,8 +1,13 @@
-"""Pieces shared by the architectures: attention masks and attention itself."""
+"""Pieces shared by the architectures: attention masks, attention, and cached attention for one or many requests."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import mlx.core as mx
+
+from mmt_mlx.cache import BatchCache
 
 
 def attention_mask(
@@ -24,3 +29,30 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
     out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     b, h, length, d = out.shape
     return out.transpose(0, 2, 1, 3).reshape(b, length, h * d)
+
+
+def _one_request(
+    q: mx.array, k: mx.array, v: mx.array, cache: Any, rope: Callable, scale: float, window: int | None
+) -> mx.array:
+    offset, length = cache.offset, q.shape[2]
+    q, k = rope(q, offset=offset), rope(k, offset=offset)
+    k, v, key_start = cache.update_and_fetch(k, v)
+    return attention(q, k, v, scale, attention_mask(offset, length, key_start, k.shape[2], window))
+
+
+def cached_attention(
+    q: mx.array, k: mx.array, v: mx.array, cache: Any, rope: Callable, scale: float, window: int | None = None
+) -> mx.array:
+    """RoPE, cache update and attention for (B, H, L, D) projections; returns (B, L, H * D).
+
+    ``cache`` is one request's layer cache, or a :class:`~mmt_mlx.cache.BatchCache` holding one cache per row
+    of the batch: then each row is rotated at its own position and attends to its own keys (the requests of a
+    continuous batch have different lengths), while the projections around this call ran batched.
+    """
+    if not isinstance(cache, BatchCache):
+        return _one_request(q, k, v, cache, rope, scale, window)
+    outs = [
+        _one_request(q[i : i + 1], k[i : i + 1], v[i : i + 1], c, rope, scale, window)
+        for i, c in enumerate(cache.caches)
+    ]
+    return mx.concatenate(outs, axis=0)

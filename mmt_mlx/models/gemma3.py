@@ -8,8 +8,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mmt_mlx.cache import KVCache, SlidingKVCache
-from mmt_mlx.models.base import attention, attention_mask
+from mmt_mlx.cache import BatchCache, KVCache, SlidingKVCache
+from mmt_mlx.models.base import cached_attention
 from mmt_mlx.models.checkpoint import (
     COMMON_GGUF_LAYER_NAMES,
     GGUFGetter,
@@ -71,16 +71,12 @@ class Attention(nn.Module):
         base = args.rope_theta if self.window is None else args.rope_local_base_freq
         self.rope = nn.RoPE(self.head_dim, traditional=False, base=base)
 
-    def __call__(self, x: mx.array, cache: KVCache | SlidingKVCache) -> mx.array:
+    def __call__(self, x: mx.array, cache: KVCache | SlidingKVCache | BatchCache) -> mx.array:
         b, length, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(b, length, self.n_heads, -1)).transpose(0, 2, 1, 3)
         k = self.k_norm(self.k_proj(x).reshape(b, length, self.n_kv, -1)).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(b, length, self.n_kv, -1).transpose(0, 2, 1, 3)
-        offset = cache.offset
-        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
-        k, v, key_start = cache.update_and_fetch(k, v)
-        mask = attention_mask(offset, length, key_start, k.shape[2], self.window)
-        return self.o_proj(attention(q, k, v, self.scale, mask))
+        return self.o_proj(cached_attention(q, k, v, cache, self.rope, self.scale, self.window))
 
 
 class MLP(nn.Module):
@@ -105,7 +101,7 @@ class Block(nn.Module):
         self.pre_feedforward_layernorm = RMSNorm(args.hidden_size, eps)
         self.post_feedforward_layernorm = RMSNorm(args.hidden_size, eps)
 
-    def __call__(self, x: mx.array, cache: KVCache | SlidingKVCache) -> mx.array:
+    def __call__(self, x: mx.array, cache: KVCache | SlidingKVCache | BatchCache) -> mx.array:
         h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cache))
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 

@@ -8,8 +8,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mmt_mlx.cache import KVCache
-from mmt_mlx.models.base import attention, attention_mask
+from mmt_mlx.cache import BatchCache, KVCache
+from mmt_mlx.models.base import cached_attention
 from mmt_mlx.models.checkpoint import (
     COMMON_GGUF_LAYER_NAMES,
     GGUFGetter,
@@ -53,16 +53,12 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=False)
         self.rope = nn.RoPE(self.head_dim, traditional=False, base=args.rope_theta)
 
-    def __call__(self, x: mx.array, cache: KVCache) -> mx.array:
+    def __call__(self, x: mx.array, cache: KVCache | BatchCache) -> mx.array:
         b, length, _ = x.shape
         q = self.q_proj(x).reshape(b, length, self.n_heads, -1).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(b, length, self.n_kv, -1).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(b, length, self.n_kv, -1).transpose(0, 2, 1, 3)
-        offset = cache.offset
-        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
-        k, v, key_start = cache.update_and_fetch(k, v)
-        mask = attention_mask(offset, length, key_start, k.shape[2], None)
-        return self.o_proj(attention(q, k, v, self.scale, mask))
+        return self.o_proj(cached_attention(q, k, v, cache, self.rope, self.scale))
 
 
 class MLP(nn.Module):
@@ -84,7 +80,7 @@ class Block(nn.Module):
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, x: mx.array, cache: KVCache) -> mx.array:
+    def __call__(self, x: mx.array, cache: KVCache | BatchCache) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 

@@ -1,0 +1,251 @@
+"""Continuous batching: many requests decoded together, one batched forward per step.
+
+Each request (a *stream*) has its own KV cache, sampler (seed, penalties, logit bias), logits processors,
+stop strings and detokenizer. A step runs, in one forward, the last sampled token of every stream that is
+decoding: the linear layers see a (B, 1, D) batch (where the weight bandwidth goes), attention runs per
+stream against its own cache (:func:`mmt_mlx.models.base.cached_attention`). A newcomer's prompt is then
+prefilled by one chunk per step (smaller while others decode, so their tokens keep flowing); its last prompt
+token joins the next batched step, whose logits give its first token. Streams leave when they finish; their
+caches go to the :class:`~mmt_mlx.prompt_cache.PromptCache`, which also seeds a newcomer's cache.
+
+Only one thread may call a generator (MLX is driven from one thread).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import mlx.core as mx
+
+from mmt_mlx.cache import BatchCache, SlidingKVCache
+from mmt_mlx.constrain import GrammarConstraint
+from mmt_mlx.sample import Sampler
+from mmt_mlx.stream_text import PREFILL_CHUNK, GenerationChunk, StopMatcher
+
+if TYPE_CHECKING:
+    from mmt_mlx.build import LoadedModel
+    from mmt_mlx.prompt_cache import PromptCache
+    from mmt_mlx.request import GenerationRequest
+
+BUSY_PREFILL_CHUNK = 64  # prompt tokens per step while other streams decode: bounds their stall
+SLIDING_SLACK = 128  # extra keys a sliding layer keeps so that a slightly shorter prefix stays reusable
+
+
+@dataclass
+class StepEvent:
+    """What a step produced for one stream: a chunk (``finish_reason`` set on its last one), an error, or
+    neither (the stream ended without a last chunk)."""
+
+    uid: int
+    chunk: GenerationChunk | None = None
+    error: Exception | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.error is not None or self.chunk is None or self.chunk.finish_reason is not None
+
+
+@dataclass(eq=False)
+class _Stream:
+    uid: int
+    request: GenerationRequest
+    should_stop: Callable[[], bool] | None
+    sampler: Sampler
+    cache: list
+    detok: Any
+    matcher: StopMatcher
+    todo: list[int]  # prompt tokens (but the last) still to prefill
+    reused: int  # prompt tokens taken from the prompt cache
+    constraint: GrammarConstraint | None  # structured output: the grammar's own per-request state
+    last: int | None = None  # a token to feed in the next batched step
+    generated: list[int] = field(default_factory=list)
+    t_start: float = 0.0  # first prefill work (or the first step, for a full cache hit)
+    prompt_time: float = 0.0
+    t_decode: float = 0.0
+
+
+class BatchGenerator:
+    """Holds up to ``max_batch`` streams; :meth:`step` advances all of them by (at most) one token."""
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        *,
+        max_batch: int = 8,
+        prompt_cache: PromptCache | None = None,
+        prefill_chunk: int = PREFILL_CHUNK,
+        busy_prefill_chunk: int = BUSY_PREFILL_CHUNK,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.lm = lm
+        self.max_batch = max_batch
+        self.prompt_cache = prompt_cache
+        self.prefill_chunk = prefill_chunk
+        self.busy_prefill_chunk = busy_prefill_chunk
+        self._streams: dict[int, _Stream] = {}
+        self._uids = itertools.count()
+
+    # -- membership ----------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    @property
+    def has_room(self) -> bool:
+        return len(self._streams) < self.max_batch
+
+    @property
+    def decoding(self) -> int:
+        """Streams past their prefill."""
+        return sum(1 for s in self._streams.values() if not s.todo)
+
+    def add(self, request: GenerationRequest, should_stop: Callable[[], bool] | None = None) -> int:
+        """Admit a validated request; returns its uid. ``should_stop`` is polled after each of its tokens."""
+        if not self.has_room:
+            raise RuntimeError("the batch is full")
+        prompt = request.prompt
+        reused, cache = 0, None
+        if self.prompt_cache is not None:
+            reused, cache = self.prompt_cache.lookup(prompt)
+        if cache is None:
+            cache = self.lm.model.make_cache()
+            for c in cache:
+                if isinstance(c, SlidingKVCache):
+                    c.slack = SLIDING_SLACK if self.prompt_cache is not None else 0
+        uid = next(self._uids)
+        tok = self.lm.tokenizer
+        self._streams[uid] = _Stream(
+            uid, request, should_stop, Sampler(request.sampling), cache, tok.detokenizer(),
+            StopMatcher(list(request.stop)), list(prompt[reused:-1]), reused,
+            GrammarConstraint(tok, request.grammar) if request.grammar is not None else None,
+        )  # fmt: skip
+        return uid
+
+    def remove(self, uid: int) -> None:
+        """Drop a stream at once (a client went away); its cache still feeds the prompt cache."""
+        s = self._streams.pop(uid, None)
+        if s is not None:
+            self._keep(s)
+
+    def _keep(self, s: _Stream) -> None:
+        if self.prompt_cache is not None and s.cache:
+            self.prompt_cache.insert(s.request.prompt + s.generated, s.cache)
+
+    # -- one step ------------------------------------------------------------------------------------
+
+    def step(self) -> list[StepEvent]:
+        """Advance every stream once; returns the events of this step (finished streams have left)."""
+        events: list[StepEvent] = []
+        now = time.perf_counter()
+        for s in list(self._streams.values()):
+            if s.t_start == 0.0:
+                s.t_start = now
+            if s.request.max_tokens == 0:
+                events.append(StepEvent(s.uid, self._chunk(s, "", None, None, None, "length")))
+                del self._streams[s.uid]
+            elif not s.todo and s.last is None and not s.generated:
+                s.last = s.request.prompt[-1]  # prefill done (or all reused): the last prompt token joins
+        batch = [s for s in self._streams.values() if s.last is not None]
+        if batch:
+            events += self._decode(batch)
+        waiting = [s for s in self._streams.values() if s.todo]
+        if waiting:
+            events += self._prefill(waiting[0], busy=bool(batch))
+        return events
+
+    def _prefill(self, s: _Stream, busy: bool) -> list[StepEvent]:
+        n = self.busy_prefill_chunk if busy else self.prefill_chunk
+        part, s.todo = s.todo[:n], s.todo[n:]
+        try:
+            self.lm.model(mx.array(part)[None], s.cache)
+            mx.eval([c.state for c in s.cache])
+        except Exception as exc:  # noqa: BLE001 - this request fails alone
+            del self._streams[s.uid]
+            return [StepEvent(s.uid, error=exc)]
+        if not s.todo:
+            s.last = s.request.prompt[-1]
+        return []
+
+    def _decode(self, batch: list[_Stream]) -> list[StepEvent]:
+        tokens = mx.array([[s.last] for s in batch])
+        cache = [BatchCache([s.cache[i] for s in batch]) for i in range(len(batch[0].cache))]
+        try:
+            logits = self.lm.model(tokens, cache)[:, -1].astype(mx.float32)
+        except Exception as exc:  # noqa: BLE001 - a forward that fails fails every stream in it
+            for s in batch:
+                del self._streams[s.uid]
+            return [StepEvent(s.uid, error=exc) for s in batch]
+        picks: list[tuple[_Stream, mx.array, mx.array | None]] = []
+        events: list[StepEvent] = []
+        for i, s in enumerate(batch):
+            try:
+                picks.append((s, *self._sample(s, logits[i])))
+            except Exception as exc:  # noqa: BLE001 - e.g. a logits processor that raised: this stream only
+                del self._streams[s.uid]
+                events.append(StepEvent(s.uid, error=exc))
+        mx.eval([a for _, t, lp in picks for a in (t, lp) if a is not None])
+        for s, token, logp in picks:
+            try:
+                events.append(self._advance(s, int(token.item()), logp))
+            except Exception as exc:  # noqa: BLE001 - e.g. a grammar that refused the token: this stream only
+                self._streams.pop(s.uid, None)
+                events.append(StepEvent(s.uid, error=exc))
+        return events
+
+    def _sample(self, s: _Stream, logits: mx.array) -> tuple[mx.array, mx.array | None]:
+        context = s.request.prompt + s.generated
+        processed = s.sampler.process(logits, context, s.generated)
+        for proc in s.request.logits_processors:
+            processed = proc(context, processed)
+        if s.constraint is not None:  # last, so no bias or penalty can bring a forbidden token back
+            processed = s.constraint(s.generated, processed)
+        logp = logits - mx.logsumexp(logits) if s.request.logprobs else None
+        return s.sampler.sample(processed), logp
+
+    def _advance(self, s: _Stream, tid: int, logp: mx.array | None) -> StepEvent:
+        """Take the sampled token: text, stop strings, EOS, budget; the stream leaves when it finishes."""
+        lp = top = None
+        if logp is not None:
+            lp = float(logp[tid].item())
+            best = mx.argsort(-logp)[: s.request.logprobs]
+            top = [(int(i), float(v)) for i, v in zip(best.tolist(), logp[best].tolist())]
+        if not s.generated:
+            now = time.perf_counter()
+            s.prompt_time, s.t_decode = now - s.t_start, now
+        s.generated.append(tid)
+        s.last = tid
+        reason: str | None = None
+        if tid in self.lm.tokenizer.eos_ids:
+            text, reason = s.matcher.feed(s.detok.finalize())[0] + s.matcher.flush(), "stop"
+        else:
+            if s.constraint is not None:
+                s.constraint.advance(tid)
+            text, hit = s.matcher.feed(s.detok.add(tid))
+            cancelled = s.should_stop is not None and s.should_stop()
+            if hit:
+                reason = "stop"
+            elif len(s.generated) >= s.request.max_tokens or cancelled:
+                rest, hit = s.matcher.feed(s.detok.finalize())
+                text += rest + ("" if hit else s.matcher.flush())
+                reason = "stop" if hit or cancelled else "length"
+        event = StepEvent(s.uid, self._chunk(s, text, tid, lp, top, reason))
+        if reason is not None:
+            del self._streams[s.uid]
+            self._keep(s)
+        return event
+
+    @staticmethod
+    def _chunk(s: _Stream, text: str, token, lp, top, reason) -> GenerationChunk:
+        n, prompt_len = len(s.generated), len(s.request.prompt)
+        decode_time = time.perf_counter() - s.t_decode
+        return GenerationChunk(
+            text, token, lp, top, reason, prompt_len, n,
+            prompt_len / s.prompt_time if s.prompt_time else 0.0,
+            (n - 1) / decode_time if n > 1 and decode_time > 0 else 0.0,
+            cached_tokens=s.reused,
+        )  # fmt: skip
