@@ -12,6 +12,7 @@ from mmt_mlx.bench.cli import add_bench_parser
 from mmt_mlx.cli_args import MODEL_HELP, add_model_arg
 from mmt_mlx.errors import MmtError
 from mmt_mlx.evals.cli import add_eval_parsers
+from mmt_mlx.info import add_info_parser
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -213,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     add_bench_parser(sub)
+    add_info_parser(sub)
     return parser
 
 

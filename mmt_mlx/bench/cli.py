@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from mmt_mlx.apple_estimate import DISPATCH_S
 from mmt_mlx.bench.run import run_bench
 from mmt_mlx.bench.stats import APPLE_CHIPS
 from mmt_mlx.cli_args import add_model_arg
@@ -28,8 +29,9 @@ def format_table(r: dict) -> str:
             f"{peak} | {v['bandwidth_gbs']:.2f} | {est} |"
         )
     lines.append(
-        "Apple estimates: bandwidth / bytes per token at the GPU's layout (dense in bf16), compute ceiling "
-        "from FLOPs per token; upper bounds, every one bandwidth-bound here"
+        "Apple estimates: bytes per token at the GPU's layout (dense in bf16) / bandwidth + kernels per token "
+        f"x {DISPATCH_S * 1e6:.2f} us dispatch (mmt_mlx/apple_estimate.py, MLX rows; llama.cpp row: bandwidth "
+        "only); compute ceiling from FLOPs per token; upper bounds, every one bandwidth-bound here"
         if all(v["apple"][c]["bound"] == "bandwidth" for v in r["variants"] for c in chips)
         else "Apple estimates: min(bandwidth / bytes, peak FLOP/s / FLOPs) per token; upper bounds"
     )

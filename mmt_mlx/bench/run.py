@@ -8,6 +8,7 @@ from collections.abc import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
+from mmt_mlx.apple_estimate import count_kernels
 from mmt_mlx.bench.accounting import gguf_weight_bytes, weight_bytes
 from mmt_mlx.bench.llamacpp import time_llamacpp
 from mmt_mlx.bench.stats import APPLE_CHIPS, bench_stats
@@ -59,8 +60,9 @@ def run_bench(
         log(f"[bench] {label}: pp{prompt_tokens} / tg{gen_tokens} x {reps}")
         pp_t, tg_t, peak = time_mlx(model, vocab, prompt_tokens, gen_tokens, reps)
         w = weight_bytes(model, codes, attention_ctx=gen_tokens // 2)
+        kernels = count_kernels(model)
         v = {"key": key, "label": label, "peak_memory": peak,
-             **bench_stats(pp_t, tg_t, prompt_tokens, gen_tokens, **w)}  # fmt: skip
+             **bench_stats(pp_t, tg_t, prompt_tokens, gen_tokens, kernels_per_token=kernels, **w)}  # fmt: skip
         variants.append(v)
         log(f"[bench] {label}: pp {v['pp']['tok_s']:.1f} tok/s, tg {v['tg']['tok_s']:.2f} tok/s")
         del model, codes

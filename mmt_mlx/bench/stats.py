@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from mmt_mlx.apple_estimate import decode_tok_s
+
 APPLE_CHIPS: dict[str, tuple[float, float]] = {"M4": (120e9, 4.3e12), "M4 Pro": (273e9, 8.6e12)}
 
 
@@ -17,12 +19,16 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
-def apple_estimates(bytes_per_token: float, flops_per_token: float) -> dict[str, dict]:
-    """Predicted decode tok/s per chip: the lower of the bandwidth and compute ceilings (an upper bound:
-    real decode adds kernel launches and reaches a fraction of peak bandwidth)."""
+def apple_estimates(
+    bytes_per_token: float, flops_per_token: float, kernels_per_token: int | None = None
+) -> dict[str, dict]:
+    """Predicted decode tok/s per chip: the lower of the bandwidth and compute ceilings; with
+    ``kernels_per_token`` the bandwidth term includes per-kernel dispatch time (mmt_mlx/apple_estimate.py)."""
     out = {}
     for chip, (bw, peak) in APPLE_CHIPS.items():
         by_bw = bw / bytes_per_token if bytes_per_token > 0 else math.inf
+        if kernels_per_token is not None:
+            by_bw = decode_tok_s(bytes_per_token, bw, kernels_per_token)
         by_flops = peak / flops_per_token if flops_per_token > 0 else math.inf
         out[chip] = {"tok_s": min(by_bw, by_flops), "bound": "bandwidth" if by_bw <= by_flops else "compute",
                      "bandwidth_tok_s": by_bw, "compute_tok_s": by_flops}  # fmt: skip
@@ -38,6 +44,7 @@ def bench_stats(
     bytes_per_token: float,
     flops_per_token: float,
     apple_bytes_per_token: float | None = None,
+    kernels_per_token: int | None = None,
 ) -> dict:
     """Everything derived from the timings (seconds per repetition) and the weight accounting."""
     pp_mean, pp_std = mean_std([prompt_tokens / t for t in pp_times if t > 0])
@@ -51,5 +58,6 @@ def bench_stats(
         "bandwidth_gbs": bytes_per_token * tg_mean / 1e9,  # the weight traffic the measured decode implies
         "flops_per_token": float(flops_per_token),
         "apple_bytes_per_token": float(apple_b),
-        "apple": apple_estimates(apple_b, flops_per_token),
+        "kernels_per_token": kernels_per_token,
+        "apple": apple_estimates(apple_b, flops_per_token, kernels_per_token),
     }

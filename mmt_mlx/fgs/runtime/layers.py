@@ -14,6 +14,7 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 
+from mmt_mlx import native
 from mmt_mlx.fgs.codes import CirculantCode, GaussianCode, Level, QuantCode, TensorCode
 from mmt_mlx.fgs.encoders.gaussian import gaussian_amp
 from mmt_mlx.fgs.runtime import kernels as K
@@ -116,6 +117,8 @@ class QuantLevel(nn.Module):
         self.biases = mx.array(np.asarray(code.biases).astype(sdt))
 
     def __call__(self, x: mx.array) -> mx.array:
+        if native.enabled():  # native CPU kernel (mmt_mlx/native.py); the ops path stays the oracle
+            return native.quant_matmul(x, self.wq, self.scales, self.biases, self.group_size, self.bits)
         return ops.quant_matmul(x, self.wq, self.scales, self.biases, self.group_size, self.bits)
 
     def decode_rows(self, ids: mx.array) -> mx.array:

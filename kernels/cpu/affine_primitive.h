@@ -1,0 +1,30 @@
+// The affine-quantized product as an MLX primitive, so it sits in MLX's lazy graph like any op.
+#pragma once
+
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+
+namespace mmt {
+
+namespace mx = mlx::core;
+
+// y (..., rows) = x (..., cols) @ W.T; W in MLX's affine layout (wq uint32, scales and biases f32).
+mx::array affine_matmul_op(const mx::array& x, const mx::array& wq, const mx::array& scales,
+                           const mx::array& biases, int group_size, int bits, mx::StreamOrDevice s = {});
+
+class AffineMatmul : public mx::UnaryPrimitive {
+ public:
+  AffineMatmul(mx::Stream stream, int group_size, int bits)
+      : mx::UnaryPrimitive(stream), group_size_(group_size), bits_(bits) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  const char* name() const override { return "MmtAffineMatmul"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+
+ private:
+  int group_size_;
+  int bits_;
+};
+
+}  // namespace mmt

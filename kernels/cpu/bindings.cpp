@@ -1,0 +1,26 @@
+// Python bindings of the native CPU kernels (module mmt_mlx._native); mmt_mlx/native.py is the only user.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/variant.h>
+
+#include "affine_kernels.h"
+#include "affine_primitive.h"
+#include "mlx/version.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+NB_MODULE(_native, m) {
+  m.doc() = "mmt_mlx native CPU kernels (MLX primitives)";
+  m.def("affine_matmul", &mmt::affine_matmul_op, "x"_a, "wq"_a, "scales"_a, "biases"_a, "group_size"_a,
+        "bits"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "y = x @ W.T for W in MLX's affine layout (f32 result), computed by the native CPU kernel.");
+  m.def("set_num_threads", &mmt::set_num_threads, "n"_a, "Threads for the kernels (<= 0: default).");
+  m.def("num_threads", &mmt::num_threads);
+  m.def("isa", &mmt::isa, "Code path chosen for this CPU: 'avx2+fma' or 'scalar'.");
+  m.def("built_mlx_version", [] {
+    return std::to_string(MLX_VERSION_MAJOR) + "." + std::to_string(MLX_VERSION_MINOR) + "." +
+           std::to_string(MLX_VERSION_PATCH);
+  });
+}

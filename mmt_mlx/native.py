@@ -1,0 +1,109 @@
+"""The native CPU kernels (MLX C++ extension ``mmt_mlx._native``, sources in kernels/cpu/): loading, checks, use.
+
+The extension is built by ``pip install`` when a C++ compiler and CMake are there (setup.py); without it, or
+when it was built against another MLX than the one installed (MLX has no stable C++ ABI), everything runs on
+the MLX-ops reference path and one line says so. ``MMT_NATIVE=0`` forces the MLX ops, ``MMT_NATIVE=1`` makes
+a missing extension an error; the default uses it on the CPU device when it loads.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from importlib import import_module
+from pathlib import Path
+from types import ModuleType
+
+import mlx.core as mx
+
+VERSION_FILE = Path(__file__).resolve().parent / "_native_mlx_version.txt"
+
+_module: ModuleType | None = None
+_reason: str = ""
+_loaded = False
+_warned = False
+
+
+def _load() -> ModuleType | None:
+    global _module, _reason, _loaded
+    if _loaded:
+        return _module
+    _loaded = True
+    built = VERSION_FILE.read_text().strip() if VERSION_FILE.exists() else None
+    if built is not None and built != mx.__version__:
+        _reason = f"built for mlx {built}, mlx {mx.__version__} is installed; reinstall mmt-mlx"
+        return None
+    try:
+        mod = import_module("mmt_mlx._native")
+    except ImportError as e:
+        _reason = f"not built ({e})" if "_native" in str(e) else f"failed to load ({e})"
+        return None
+    if mod.built_mlx_version() != mx.__version__:
+        _reason = f"built for mlx {mod.built_mlx_version()}, mlx {mx.__version__} is installed"
+        return None
+    _module = mod
+    return mod
+
+
+def reset() -> None:
+    """Forget what was loaded (tests simulate an absent extension with it)."""
+    global _module, _reason, _loaded, _warned
+    _module, _reason, _loaded, _warned = None, "", False, False
+
+
+def mode() -> str:
+    return os.environ.get("MMT_NATIVE", "auto").strip().lower()
+
+
+def available() -> bool:
+    return _load() is not None
+
+
+def enabled() -> bool:
+    """Whether the quant products run on the native kernels now (CPU device, extension loaded, not forced off)."""
+    global _warned
+    m = mode()
+    if m in ("0", "off", "false", "reference") or mx.default_device() != mx.cpu:
+        return False
+    if _load() is not None:
+        return True
+    if m in ("1", "on", "true", "native"):
+        raise RuntimeError(f"MMT_NATIVE={m} but the native CPU kernels are unavailable: {_reason}")
+    if not _warned:
+        _warned = True
+        print(f"mmt_mlx: native CPU kernels unavailable ({_reason}); running on MLX ops", file=sys.stderr)
+    return False
+
+
+def quant_matmul(
+    x: mx.array, wq: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int
+) -> mx.array:
+    """y = x @ W.T for W in MLX's affine layout, on the native kernel; x (..., cols) -> (..., rows)."""
+    mod = _load()
+    if mod is None:
+        raise RuntimeError(f"native CPU kernels unavailable: {_reason}")
+    y = mod.affine_matmul(x, wq, scales, biases, group_size, bits)
+    return y if x.dtype == mx.float32 else y.astype(x.dtype)
+
+
+def set_threads(n: int) -> None:
+    """Threads of the native kernels (n <= 0: MMT_THREADS or all cores)."""
+    mod = _load()
+    if mod is not None:
+        mod.set_num_threads(n)
+
+
+def describe() -> dict[str, object]:
+    """What ``mmt info`` prints: the path in use and the CPU features behind it."""
+    mod = _load()
+    info: dict[str, object] = {"mode": mode(), "device": str(mx.default_device()), "mlx": mx.__version__}
+    if mod is None:
+        info.update(path="MLX ops (reference)", reason=_reason)
+    else:
+        info.update(
+            path="native CPU kernels" if enabled() else "MLX ops (reference)",
+            isa=mod.isa(),
+            threads=mod.num_threads(),
+            built_for_mlx=mod.built_mlx_version(),
+        )
+    return info

@@ -1,0 +1,170 @@
+"""Native CPU kernels (mmt_mlx/native.py, kernels/cpu/) against the MLX-ops path and a float64 oracle."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mmt_mlx  # noqa: F401  (preloads OpenBLAS before mlx.core)
+from mmt_mlx import native
+from mmt_mlx.fgs.codes import QuantCode, TensorCode
+from mmt_mlx.fgs.encoders.quant import SUPPORTED_BITS, SUPPORTED_GROUPS, pack_bits
+from mmt_mlx.fgs.runtime import ops
+from mmt_mlx.fgs.runtime.layers import FGSEmbedding, FGSLinear
+
+needs_native = pytest.mark.skipif(
+    native.mode() in ("0", "off", "false", "reference"), reason="MMT_NATIVE disables the native kernels"
+)
+
+
+def _code(rng: np.random.Generator, rows: int, cols: int, bits: int, group: int) -> QuantCode:
+    q = rng.integers(0, 2**bits, size=(rows, cols))
+    ng = cols // group
+    scales = rng.uniform(0.01, 0.1, size=(rows, ng)).astype(np.float16)
+    biases = rng.normal(scale=0.1, size=(rows, ng)).astype(np.float16)
+    return QuantCode(rows, cols, bits, group, pack_bits(q, bits), scales, biases)
+
+
+def _arrays(c: QuantCode) -> tuple[mx.array, mx.array, mx.array]:
+    return mx.array(c.wq), mx.array(c.scales.astype(np.float32)), mx.array(c.biases.astype(np.float32))
+
+
+def _dense(c: QuantCode) -> np.ndarray:
+    by = c.wq.astype("<u4").view(np.uint8).reshape(c.rows, -1)
+    bitstream = np.unpackbits(by, axis=1, bitorder="little")[:, : c.cols * c.bits]
+    q = (bitstream.reshape(c.rows, c.cols, c.bits) * (1 << np.arange(c.bits))).sum(-1)
+    g = np.arange(c.cols) // c.group_size
+    return c.scales.astype(np.float64)[:, g] * q + c.biases.astype(np.float64)[:, g]
+
+
+@needs_native
+def test_extension_loads_for_this_mlx():
+    assert native.available(), native.describe()
+    info = native.describe()
+    assert info["built_for_mlx"] == mx.__version__
+    assert info["isa"] in ("avx2+fma", "scalar")
+
+
+@needs_native
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+@pytest.mark.parametrize("group", SUPPORTED_GROUPS)
+def test_matches_reference_on_awkward_shapes(bits: int, group: int):
+    rng = np.random.default_rng(bits * 1000 + group)
+    for rows, ngroups, tokens in [(1, 1, 1), (7, 3, 2), (33, 2, 3), (130, 5, 70)]:
+        cols = ngroups * group
+        c = _code(rng, rows, cols, bits, group)
+        wq, s, b = _arrays(c)
+        x = rng.normal(size=(tokens, cols)).astype(np.float32)
+        want = x.astype(np.float64) @ _dense(c).T
+        ref = np.array(ops.quant_matmul(mx.array(x), wq, s, b, group, bits))
+        outs = []
+        for threads in (1, 2):
+            native.set_threads(threads)
+            outs.append(np.array(native.quant_matmul(mx.array(x), wq, s, b, group, bits)))
+        native.set_threads(0)
+        scale = np.abs(want).max() + 1e-6
+        assert np.abs(outs[0] - want).max() / scale < 2e-5, (rows, cols, tokens)
+        assert np.abs(outs[0] - ref).max() / scale < 2e-5, (rows, cols, tokens)
+        np.testing.assert_array_equal(outs[0], outs[1])  # thread count does not change a bit
+
+
+@needs_native
+def test_leading_dims_dtype_and_graph_transforms():
+    rng = np.random.default_rng(5)
+    c = _code(rng, 40, 128, 4, 64)
+    wq, s, b = _arrays(c)
+    x = mx.array(rng.normal(size=(2, 3, 128)).astype(np.float32))
+    want = np.array(ops.quant_matmul(x, wq, s, b, 64, 4))
+    y = native.quant_matmul(x, wq, s, b, 64, 4)
+    assert y.shape == (2, 3, 40)
+    np.testing.assert_allclose(np.array(y), want, rtol=1e-4, atol=1e-5)
+    compiled = mx.compile(lambda t: native.quant_matmul(t, wq, s, b, 64, 4) * 2.0)
+    np.testing.assert_allclose(np.array(compiled(x)), 2 * want, rtol=1e-4, atol=1e-5)
+    xt = mx.swapaxes(mx.array(rng.normal(size=(128, 5)).astype(np.float32)), 0, 1)  # not row-contiguous
+    np.testing.assert_allclose(
+        np.array(native.quant_matmul(xt, wq, s, b, 64, 4)), np.array(ops.quant_matmul(xt, wq, s, b, 64, 4)),
+        rtol=1e-4, atol=1e-5,
+    )  # fmt: skip
+    assert native.quant_matmul(x.astype(mx.float16), wq, s, b, 64, 4).dtype == mx.float16
+    with pytest.raises(ValueError, match="shapes do not match"):
+        native.quant_matmul(x[..., :64], wq, s, b, 64, 4)
+
+
+@needs_native
+def test_scalar_fallback_path_agrees():
+    """The portable code (what CPUs without AVX2 run) against the float64 oracle, in a fresh process."""
+    code = (
+        "import numpy as np, mlx.core as mx, mmt_mlx\n"
+        "from mmt_mlx import native\n"
+        "from tests.test_native import _code, _arrays, _dense\n"
+        "assert native.describe()['isa'] == 'scalar'\n"
+        "rng = np.random.default_rng(0)\n"
+        "for bits in (2, 3, 4, 5, 6, 8):\n"
+        "    c = _code(rng, 9, 96, bits, 32); wq, s, b = _arrays(c)\n"
+        "    for t in (1, 5):\n"
+        "        x = rng.normal(size=(t, 96)).astype(np.float32)\n"
+        "        want = x.astype(np.float64) @ _dense(c).T\n"
+        "        got = np.array(native.quant_matmul(mx.array(x), wq, s, b, 32, bits))\n"
+        "        assert np.abs(got - want).max() < 2e-5 * np.abs(want).max(), bits\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "MMT_NATIVE_ISA": "scalar"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+@needs_native
+def test_fgs_layers_use_native_and_match_ops(monkeypatch):
+    rng = np.random.default_rng(7)
+    code = TensorCode((50, 96), [_code(rng, 50, 96, 3, 32)])
+    lin, emb = FGSLinear(code, use_kernel=False), FGSEmbedding(code, use_kernel=False)
+    x = mx.array(rng.normal(size=(1, 4, 96)).astype(np.float32))
+    assert native.enabled()
+    y_native, head_native = np.array(lin(x)), np.array(emb.as_linear(x))
+    monkeypatch.setenv("MMT_NATIVE", "0")
+    assert not native.enabled()
+    np.testing.assert_allclose(y_native, np.array(lin(x)), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(head_native, np.array(emb.as_linear(x)), rtol=1e-4, atol=1e-5)
+
+
+def test_absent_extension_falls_back_to_mlx_ops(monkeypatch, capsys):
+    rng = np.random.default_rng(8)
+    code = TensorCode((20, 64), [_code(rng, 20, 64, 4, 32)])
+    x = mx.array(rng.normal(size=(3, 64)).astype(np.float32))
+    want = x.__array__().astype(np.float64) @ _dense(code.levels[0]).T
+    monkeypatch.delenv("MMT_NATIVE", raising=False)
+    monkeypatch.setitem(sys.modules, "mmt_mlx._native", None)  # import now fails, as if never built
+    native.reset()
+    try:
+        assert not native.available()
+        lin = FGSLinear(code, use_kernel=False)
+        np.testing.assert_allclose(np.array(lin(x)), want, rtol=1e-4, atol=1e-5)
+        lin(x)
+        err = capsys.readouterr().err
+        assert err.count("native CPU kernels unavailable") == 1 and err.count("\n") == 1
+        assert native.describe()["path"] == "MLX ops (reference)"
+        monkeypatch.setenv("MMT_NATIVE", "1")
+        with pytest.raises(RuntimeError, match="unavailable"):
+            lin(x)
+    finally:
+        monkeypatch.undo()
+        native.reset()
+
+
+def test_extension_built_for_another_mlx_is_not_loaded(monkeypatch, tmp_path):
+    stale = tmp_path / "version.txt"
+    stale.write_text("0.0.1\n")
+    monkeypatch.setattr(native, "VERSION_FILE", stale)
+    native.reset()
+    try:
+        assert not native.available()
+        assert "built for mlx 0.0.1" in native.describe()["reason"]
+    finally:
+        monkeypatch.undo()
+        native.reset()
