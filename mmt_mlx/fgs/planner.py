@@ -18,6 +18,7 @@ import numpy as np
 from mmt_mlx.fgs import quant as Q
 from mmt_mlx.fgs.circulant import circulant_nbytes, decode_circulant, fit_circulant
 from mmt_mlx.fgs.codes import CirculantCode, GaussianCode, Level, QuantCode, TensorCode
+from mmt_mlx.fgs.gauss_codes import RotQCode, decode_rotq, rotq_code_nbytes
 from mmt_mlx.fgs.gaussian import (
     column_order,
     decode_gaussian,
@@ -40,6 +41,8 @@ def code_nbytes(level: Level) -> int:
         return gaussian_nbytes(level)
     if isinstance(level, CirculantCode):
         return circulant_nbytes(level)
+    if isinstance(level, RotQCode):
+        return rotq_code_nbytes(level)
     raise TypeError(type(level))
 
 
@@ -54,6 +57,8 @@ def decode_level(level: Level) -> np.ndarray:
         return decode_gaussian(level)
     if isinstance(level, CirculantCode):
         return decode_circulant(level)
+    if isinstance(level, RotQCode):
+        return decode_rotq(level)
     raise TypeError(type(level))
 
 
