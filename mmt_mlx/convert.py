@@ -207,9 +207,8 @@ def format_report(r: dict) -> str:
         lines.append(
             f"{name:<28} {c['tensors']:>3} {levels:<34} {c['bytes'] / 1e6:>8.2f} {c['bits_per_weight']:>7.2f}  {r2}"
         )
-    size = (
-        f"stored {r['stored_bytes'] / 1e6:.2f} MB ({r['bits_per_weight']:.2f} bits/weight), tau {r['tau']:g}"
-    )
+    target = f"tau {r['tau']:g}" if r.get("tau") is not None else f"target {r.get('bpw_target')} bits/weight"
+    size = f"stored {r['stored_bytes'] / 1e6:.2f} MB ({r['bits_per_weight']:.2f} bits/weight), {target}"
     if "heldout_ppl" in r:  # ratios only beside the perplexity measured at them
         size += (
             f" | {r['ratio_to_fp16']:.2f}x smaller than fp16, {r['ratio_to_source']:.2f}x vs the source file's "

@@ -44,7 +44,7 @@ from mmt_mlx.sources import SourceModel
 BPW_PRESETS = {"rot4": 4.0, "rot3": 3.25, "rot2.5": 2.5}
 GROUP = 64
 CALIB_TOKENS = 8192
-SCREEN_ROWS = 256
+SCREEN_ROWS = 128
 SCREEN_BITS = 3
 
 
@@ -84,9 +84,7 @@ class _Factors:
         return self.hr[key], self.u[key]
 
 
-def allocate(
-    items: dict[str, dict], budget: int, bits: tuple[int, ...] = CODE_BITS
-) -> dict[str, int]:
+def allocate(items: dict[str, dict], budget: int, bits: tuple[int, ...] = CODE_BITS) -> dict[str, int]:
     """Greedy knapsack: items[name] = {"rows", "cols", "cost": {bits: predicted KL}} -> bits per tensor."""
     choice = {n: bits[0] for n in items}
     spent = sum(rotq_nbytes(it["rows"], it["cols"], bits[0], GROUP) for it in items.values())
@@ -164,6 +162,7 @@ def convert_bpw(
         _, h = _tensor_cov(n, keys, covs)
         rtn_err[n] = output_error(w, c, h)
         coarse[n] = c
+    t_cov = time.perf_counter() - t0
     kl = bucket_kl(lm.model, matrices, coarse, buckets, chunks[0][:256])
     del coarse, lm
     t_cal = time.perf_counter() - t0
@@ -185,6 +184,7 @@ def convert_bpw(
         cost = {bb: price * e3 * dist[bb] / dist[SCREEN_BITS] for bb in CODE_BITS}
         items[n] = {"rows": w.shape[0], "cols": w.shape[1], "cost": cost, "use_h": use_h, "key": key}
     choice = allocate(items, budget)
+    t_screen = time.perf_counter() - t0
 
     # 3. encoding
     codes: dict[str, TensorCode] = {}
@@ -197,8 +197,12 @@ def convert_bpw(
         err = output_error(w, decode_rotq(code), h)
         codes[n] = TensorCode(tuple(w.shape), [code], [err], None)
         it["err"], it["bits"] = err, choice[n]
-    report = rotq_report(src, codes, raw, items, kl, bpw, preset, time.perf_counter() - t0, t_cal, source_name)
+    report = rotq_report(
+        src, codes, raw, items, kl, bpw, preset, time.perf_counter() - t0, t_cal, source_name
+    )
     report["calibration_tokens"] = sum(len(c) for c in chunks)
+    report["stage_seconds"] = {"covariances_and_probe_codes": round(t_cov, 1), "sensitivity": round(t_cal - t_cov, 1),
+                               "screening": round(t_screen - t_cal, 1), "encoding": round(report["seconds"] - t_screen, 1)}  # fmt: skip
     tok, tok_files = _tokenizer_record(src)
     save_fgs_model(
         out, arch=src.arch, config=src.config, codes=codes, raw=raw, tokenizer=tok, tokenizer_files=tok_files,

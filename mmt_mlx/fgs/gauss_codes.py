@@ -16,7 +16,7 @@ Pure numpy: knows nothing of models.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 
@@ -43,7 +43,7 @@ class RotQCode:
     kind: str = "rotq"
 
 
-@lru_cache(maxsize=None)
+@cache
 def lloyd_max(bits: int) -> np.ndarray:
     """The 2**bits Lloyd-Max (MSE-optimal scalar) levels of a standard normal, sorted, float32."""
     if bits < 1 or bits > 8:
@@ -123,12 +123,12 @@ def _inverse_factor(h: np.ndarray, damp: float) -> np.ndarray:
     d = np.diag(h)
     dead = d <= 0
     h[dead, dead] = 1.0
-    h[np.diag_indices_from(h)] += damp * max(float(np.mean(np.diag(h))), 1e-12)
-    for extra in (0.0, 1e-3, 1e-2, 1e-1):
+    mean = max(float(np.mean(np.diag(h))), 1e-12)
+    h[np.diag_indices_from(h)] += damp * mean
+    for extra in (0.0, 1e-2, 1e-1):  # more damping only if the factorization fails
         try:
-            if extra:
-                h[np.diag_indices_from(h)] += extra * float(np.mean(np.diag(h)))
-            return np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32)
+            hh = h + extra * mean * np.eye(len(h))
+            return np.linalg.cholesky(np.linalg.inv(hh)).T.astype(np.float32)
         except np.linalg.LinAlgError:
             continue
     raise ValueError("input covariance is not positive definite even after damping")
