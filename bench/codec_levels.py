@@ -15,11 +15,12 @@ import numpy as np
 from gguf.quants import dequantize
 
 import mmt_mlx  # noqa: F401  (BLAS preload before mlx)
-from mmt_mlx.fgs import quant as Q
-from mmt_mlx.fgs.circulant import fit_circulant
-from mmt_mlx.fgs.gaussian import column_order, fit_gaussian, gaussian_amp
-from mmt_mlx.fgs.meta import encode_meta
-from mmt_mlx.fgs.planner import code_nbytes, decode_level, decode_tensor, plan_tensor
+from mmt_mlx.fgs.codec import code_nbytes, decode_level, decode_tensor
+from mmt_mlx.fgs.encoders import quant as Q
+from mmt_mlx.fgs.encoders.circulant import fit_circulant
+from mmt_mlx.fgs.encoders.gaussian import column_order, fit_gaussian, gaussian_amp
+from mmt_mlx.fgs.encoders.meta import encode_meta
+from mmt_mlx.fgs.encoders.planner import plan_tensor
 from mmt_mlx.registry import builtin_path
 
 

@@ -16,10 +16,10 @@ import mlx.core as mx
 import numpy as np
 
 import mmt_mlx  # noqa: F401  (preloads OpenBLAS before mlx.core)
-from mmt_mlx.fgs import ops
+from mmt_mlx.fgs.runtime import ops
 
 try:
-    from mmt_mlx.fgs.gaussian import sigma_grid
+    from mmt_mlx.fgs.encoders.gaussian import sigma_grid
 except ImportError:  # the codec module is optional here
     sigma_grid = None
 

@@ -23,10 +23,11 @@ import numpy as np
 from mlx.utils import tree_unflatten
 
 import mmt_mlx  # noqa: F401  (BLAS preload before mlx)
+from mmt_mlx.build import model_from_source
 from mmt_mlx.convert import CALIBRATION_TOKENS, calibration_text
-from mmt_mlx.evals import read_text
-from mmt_mlx.fgs import quant as Q
-from mmt_mlx.loader import load_source, model_from_source
+from mmt_mlx.evals.text import read_text
+from mmt_mlx.fgs.encoders import quant as Q
+from mmt_mlx.locate import load_source
 from mmt_mlx.perplexity import perplexity
 from mmt_mlx.sources import SourceModel
 

@@ -1,6 +1,6 @@
 // Gaussian-row level, fused weight synthesis + product (bodies for mx.fast.cuda_kernel).
 // Same algorithm, inputs, grids and template ints as gaussian_matmul.metal (read that file's notes);
-// sections are split on the marker lines by mmt_mlx/fgs/kernels.py.
+// sections are split on the marker lines by mmt_mlx/fgs/runtime/kernels.py.
 // MLX's CUDA wrapper turns template ints into `constexpr int` lines at the top of the body and
 // launches ceil(grid / threadgroup) blocks of `threadgroup` threads.
 

@@ -1,5 +1,5 @@
 // Gaussian-row level, fused weight synthesis + product (bodies for mx.fast.metal_kernel).
-// Each section below is one kernel body; mmt_mlx/fgs/kernels.py splits the file on the marker lines.
+// Each section below is one kernel body; mmt_mlx/fgs/runtime/kernels.py splits the file on the marker lines.
 // Math (mmt_mlx/fgs/codes.py): Wp[i, j] = sum_k amp[i,k] * exp(-(j - mu[i,k])^2 / (2 sigma[sidx[i,k]]^2)),
 // y[t, i] = sum_j Wp[i, j] * x[t, perm[j]].  gcoef[s] = -1 / (2 sigma_s^2).
 // Inputs: x (T, cols) f32, perm (cols) int32, amp (rows, K) f32, mu (rows, K) int32, sidx (rows, K) uint8,

@@ -8,25 +8,15 @@ import os
 import sys
 from pathlib import Path
 
-from mmt_mlx.bench import add_bench_parser
+from mmt_mlx.bench.cli import add_bench_parser
+from mmt_mlx.cli_args import MODEL_HELP, add_model_arg
 from mmt_mlx.errors import MmtError
-from mmt_mlx.evals import add_eval_parsers, read_text
-from mmt_mlx.registry import BUILTINS, DEFAULT_MODEL
-
-MODEL_HELP = (
-    f"built-in name ({', '.join(BUILTINS)}; default {DEFAULT_MODEL}), a .gguf file or a model directory"
-)
-
-
-def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", default=None, help=MODEL_HELP)
-    p.add_argument(
-        "--dense", action="store_true", help="use the dense (dequantized source) model, not FGS codes"
-    )
+from mmt_mlx.evals.cli import add_eval_parsers
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--temp", type=float, default=0.7, help="temperature; 0 = greedy (default 0.7)")
+    # greedy unless told otherwise (as mlx-lm): a small model's first answer should not be a dice roll
+    p.add_argument("--temp", type=float, default=0.0, help="temperature (default 0: greedy)")
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--min-p", type=float, default=0.0)
@@ -74,39 +64,11 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval_ppl(a: argparse.Namespace) -> int:
-    from mmt_mlx.loader import load_model
-    from mmt_mlx.perplexity import perplexity
-
-    text = read_text(a.text, a.start)
-    if a.ctx < 2 or a.chunks < 0:
-        raise MmtError("--ctx must be >= 2 and --chunks >= 0")
-    lm = load_model(a.model, dense=a.dense)
-    if a.ctx > lm.context_length:
-        raise MmtError(f"--ctx {a.ctx} exceeds the model's context of {lm.context_length}")
-    ids = lm.tokenizer.encode(text, add_bos=False)
-    bos = lm.tokenizer.bos_id if lm.tokenizer.bos_id is not None else ids[0]
-
-    def progress(i: int, n: int) -> None:
-        if not a.json:
-            print(f"\rchunk {i}/{n}", end="", file=sys.stderr, flush=True)
-
-    r = perplexity(lm.model, ids, bos, ctx=a.ctx, chunks=a.chunks, progress=progress)
-    if a.json:
-        print(json.dumps({"model": lm.name, "ppl": r.ppl, "tokens": r.tokens, "chunks": r.chunks, "ctx": r.ctx,
-                          "nll": r.nll, "seconds": round(r.seconds, 3), "tokens_per_second": r.tokens_per_second,
-                          "info": lm.info}))  # fmt: skip
-    else:
-        print(file=sys.stderr)
-        print(f"{lm.name}: ppl {r.ppl:.4f} over {r.tokens} tokens ({r.chunks} chunks of {r.ctx}), "
-              f"{r.tokens_per_second:.1f} tok/s")  # fmt: skip
-    return 0
-
-
 def cmd_convert(a: argparse.Namespace) -> int:
+    from mmt_mlx.build import load_fgs, model_from_source
     from mmt_mlx.convert import PRESETS, convert, format_report, heldout_perplexity
-    from mmt_mlx.fgs.planner import KINDS
-    from mmt_mlx.loader import load_fgs, load_source, model_from_source
+    from mmt_mlx.fgs.encoders.planner import KINDS
+    from mmt_mlx.locate import load_source
     from mmt_mlx.rotq_convert import BPW_PRESETS
 
     if a.preset in BPW_PRESETS:
@@ -125,7 +87,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
         raise MmtError(f"{out} already exists (use --force to replace an FGS model there)")
     name, src = load_source(a.source)
     if a.bpw is not None:
-        from mmt_mlx.rotq_convert import convert_bpw
+        from mmt_mlx.convert import convert_bpw
 
         report = convert_bpw(src, out, a.bpw, overwrite=a.force, progress=not a.json, source_name=name,
                              preset=getattr(a, "preset_bpw", None))  # fmt: skip
@@ -166,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text from a prompt (streams it)")
-    _add_model(g)
+    add_model_arg(g, dense=True)
     _sampling_args(g)
     g.add_argument("--max-tokens", "-n", type=int, default=256)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -177,15 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="measure quality")
     esub = e.add_subparsers(dest="eval_command", required=True)
-    ppl = esub.add_parser("ppl", help="perplexity on a text file (llama.cpp's chunking rule)")
-    _add_model(ppl)
-    ppl.add_argument("--text", required=True, help="UTF-8 text file")
-    ppl.add_argument("--start", default=None, help="score the text from the first occurrence of this string")
-    ppl.add_argument("--ctx", type=int, default=512)
-    ppl.add_argument("--chunks", type=int, default=8, help="0 = every whole chunk of the text")
-    ppl.add_argument("--json", action="store_true")
-    ppl.set_defaults(func=cmd_eval_ppl)
-    add_eval_parsers(esub)  # kl, frontier
+    add_eval_parsers(esub)  # ppl, kl, frontier
 
     c = sub.add_parser("convert", help="encode a model as FGS codes (an FGS model directory)")
     c.add_argument("source", help=MODEL_HELP)
@@ -220,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    s.add_argument("--model", "-m", default=None, help=MODEL_HELP)
+    add_model_arg(s)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8080)
     s.add_argument("--api-key", default=None, help="require this Bearer key (or set MMT_API_KEY)")

@@ -17,10 +17,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from mmt_mlx.build import model_from_source
 from mmt_mlx.errors import MmtError
+from mmt_mlx.fgs.codec import code_nbytes
 from mmt_mlx.fgs.codes import TensorCode
+from mmt_mlx.fgs.encoders.planner import KINDS, plan_tensor
 from mmt_mlx.fgs.format import save_fgs_model
-from mmt_mlx.fgs.planner import KINDS, code_nbytes, plan_tensor
 from mmt_mlx.sources import SourceModel
 
 # tau = relative (activation-weighted) squared error per tensor. Measured perplexities are in the README.
@@ -140,8 +142,6 @@ def convert(
     t0 = time.perf_counter()
     weights_by_col: dict[str, np.ndarray] = {}
     if calibrate:
-        from mmt_mlx.loader import model_from_source
-
         lm = model_from_source(src, source_name or "source")
         ids = lm.tokenizer.encode(calibration_text(), add_bos=True)[:CALIBRATION_TOKENS]
         weights_by_col = column_weights(lm.model, ids)
@@ -158,6 +158,31 @@ def convert(
         codes[name] = plan_tensor(w, tau, weights_by_col.get(name), allowed, **options)
     report = build_report(src, codes, raw, tau, preset, time.perf_counter() - t0, t_cal, source_name)
     report["grid_search"] = bool(options.get("grid_search", False))
+    tok, tok_files = _tokenizer_record(src)
+    save_fgs_model(
+        out, arch=src.arch, config=src.config, codes=codes, raw=raw, tokenizer=tok, tokenizer_files=tok_files,
+        report=report, overwrite=overwrite,
+    )  # fmt: skip
+    return report
+
+
+def convert_bpw(
+    src: SourceModel,
+    out: str | os.PathLike,
+    bpw: float,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    source_name: str = "",
+    preset: str | None = None,
+    **options,
+) -> dict:
+    """Rotated Gaussian codes at <= ``bpw`` bits per stored weight (``rotq_convert``); write; return the report."""
+    from mmt_mlx.rotq_convert import encode_bpw
+
+    codes, raw, report = encode_bpw(
+        src, bpw, progress=progress, source_name=source_name, preset=preset, **options
+    )
     tok, tok_files = _tokenizer_record(src)
     save_fgs_model(
         out, arch=src.arch, config=src.config, codes=codes, raw=raw, tokenizer=tok, tokenizer_files=tok_files,

@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
-from mmt_mlx.errors import PromptError
+from mmt_mlx.request import GenerationRequest, make_request
 from mmt_mlx.sample import Sampler, SamplingParams
 
 if TYPE_CHECKING:
-    from mmt_mlx.loader import LoadedModel
+    from mmt_mlx.build import LoadedModel
 
 PREFILL_CHUNK = 512  # bounds the attention scores and activations of long prompts
 
@@ -29,15 +29,6 @@ class GenerationChunk:
     generation_tokens: int
     prompt_tps: float
     generation_tps: float
-
-
-def check_prompt(prompt: list[int], context_length: int) -> None:
-    if not prompt:
-        raise PromptError("the prompt is empty")
-    if len(prompt) >= context_length:
-        raise PromptError(
-            f"the prompt has {len(prompt)} tokens but the model's context is {context_length} tokens"
-        )
 
 
 def prefill(model, prompt: list[int], cache: list) -> mx.array:
@@ -96,13 +87,22 @@ def stream_generate(
     logprobs: int = 0,
     should_stop: Callable[[], bool] | None = None,
 ) -> Iterator[GenerationChunk]:
-    """Generate up to max_tokens after prompt, yielding one chunk per token (the last has finish_reason)."""
-    check_prompt(prompt, lm.context_length)
-    sampler = Sampler(sampling or SamplingParams())
-    max_tokens = max(0, min(max_tokens, lm.context_length - len(prompt)))
+    """Generate up to max_tokens after prompt, yielding one chunk per token (the last has finish_reason).
+
+    Raises the typed errors of :func:`mmt_mlx.request.make_request` for a prompt the model cannot take."""
+    request = make_request(lm, prompt, max_tokens=max_tokens, sampling=sampling, stop=stop, logprobs=logprobs)
+    return generate_request(lm, request, should_stop)
+
+
+def generate_request(
+    lm: LoadedModel, request: GenerationRequest, should_stop: Callable[[], bool] | None = None
+) -> Iterator[GenerationChunk]:
+    """Run a request validated by :func:`mmt_mlx.request.make_request`; ``should_stop`` is polled per token."""
+    prompt, max_tokens, logprobs = request.prompt, request.max_tokens, request.logprobs
+    sampler = Sampler(request.sampling)
     model, tok = lm.model, lm.tokenizer
     cache = model.make_cache()
-    detok, matcher = tok.detokenizer(), StopMatcher(stop or [])
+    detok, matcher = tok.detokenizer(), StopMatcher(list(request.stop))
     generated: list[int] = []
     t0 = time.perf_counter()
     logits = prefill(model, prompt, cache)

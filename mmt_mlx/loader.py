@@ -1,165 +1,20 @@
-"""Turn a model argument (built-in name, .gguf file, Hugging Face directory, FGS model) into a ready model."""
+"""``load_model``: turn a model argument (built-in name, .gguf file, Hugging Face directory, FGS model) into a
+ready model. Built-in names load as FGS models (converted once at the default preset, see ``fgs_cache``)
+unless ``dense``; FGS directories load their codes; .gguf files and Hugging Face directories load dense."""
 
 from __future__ import annotations
 
-import json
-import os
-import sys
-from dataclasses import dataclass, field
-from pathlib import Path
-
-import mlx.core as mx
-import mlx.nn as nn
-import numpy as np
-
-from mmt_mlx.errors import ModelFormatError, ModelNotFoundError
+from mmt_mlx.build import LoadedModel, load_fgs, model_from_source
 from mmt_mlx.fgs.format import is_fgs_dir
-from mmt_mlx.models import ARCHITECTURES
-from mmt_mlx.registry import BUILTINS, DEFAULT_MODEL, builtin_path, cache_dir, canonical_name
-from mmt_mlx.sources import SourceModel, load_gguf, load_hf_dir
-from mmt_mlx.tokenizer import Tokenizer
-
-
-@dataclass
-class LoadedModel:
-    model: nn.Module
-    tokenizer: Tokenizer
-    name: str
-    path: str
-    context_length: int
-    arch: str = ""
-    info: dict = field(default_factory=dict)  # format, stored bytes, ... (for reports and the bench)
-
-
-def compute_dtype() -> mx.Dtype:
-    """f32 on CPU (f16/bf16 matmuls run ~2 GFLOP/s on Linux CPU), bf16 on GPUs."""
-    return mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
-
-
-def build_model(arch: str, config: dict) -> nn.Module:
-    module = ARCHITECTURES.get(arch)
-    if module is None:
-        raise ModelFormatError(f"unsupported architecture {arch!r}")
-    return module.Model(module.ModelArgs(**config))
-
-
-def model_from_source(src: SourceModel, name: str) -> LoadedModel:
-    model = build_model(src.arch, src.config)
-    dtype = compute_dtype()
-    try:
-        model.load_weights([(k, mx.array(v, dtype=dtype)) for k, v in src.weights.items()], strict=True)
-    except ValueError as e:
-        raise ModelFormatError(
-            f"{src.path}: weights do not match the {src.arch} architecture ({e})"
-        ) from None
-    mx.eval(model.parameters())
-    n_params = int(sum(v.size for v in src.weights.values()))
-    info = {"format": src.meta.get("format", ""), "source_bytes": src.weight_bytes, "parameters": n_params}
-    return LoadedModel(
-        model, src.tokenizer, name, src.path, int(src.config["max_position_embeddings"]), src.arch, info
-    )
-
-
-def resolve_path(model: str | None) -> tuple[str, Path]:
-    """(display name, path) of a model argument; built-in names are located (and assembled) on demand."""
-    arg = model or DEFAULT_MODEL
-    p = Path(os.path.expanduser(arg))
-    if p.exists():
-        return p.name, p
-    if arg.endswith(".gguf") or os.sep in arg:
-        raise ModelNotFoundError(f"model file or directory not found: {arg}")
-    return canonical_name(arg), builtin_path(arg)
-
-
-def load_source(model: str | None) -> tuple[str, SourceModel]:
-    name, path = resolve_path(model)
-    return name, _read_source(path)
-
-
-def _read_source(path: Path) -> SourceModel:
-    if is_fgs_dir(path):
-        raise ModelFormatError(f"{path} is already an FGS model")
-    if path.is_dir():
-        return load_hf_dir(path)
-    if path.suffix == ".gguf" or _is_gguf(path):
-        return load_gguf(path)
-    raise ModelFormatError(f"{path}: not a GGUF file or a model directory")
+from mmt_mlx.fgs_cache import fgs_model_path
+from mmt_mlx.locate import read_source, resolve_path
+from mmt_mlx.registry import BUILTINS
 
 
 def load_model(model: str | None = None, *, dense: bool = False, progress: bool = True) -> LoadedModel:
-    """Built-in names load as FGS models (converted once at the default preset and cached) unless dense;
-    FGS directories load their codes; .gguf files and Hugging Face directories load dense."""
     name, path = resolve_path(model)
     if is_fgs_dir(path):
         return load_fgs(path, name)
     if not dense and name in BUILTINS:
-        return load_fgs(builtin_fgs_path(name, progress), name)
-    return model_from_source(_read_source(path), name)
-
-
-def builtin_fgs_path(name: str, progress: bool = True) -> Path:
-    """The cached FGS conversion of a built-in model at the default preset, made on first use."""
-    from mmt_mlx.convert import DEFAULT_PRESET, PRESETS, convert
-    from mmt_mlx.fgs.format import FORMAT_VERSION
-
-    out = cache_dir() / "fgs" / f"{name}-{DEFAULT_PRESET}-tau{PRESETS[DEFAULT_PRESET]:g}-v{FORMAT_VERSION}"
-    if not is_fgs_dir(out):
-        print(f"converting {name} to FGS codes (preset {DEFAULT_PRESET}); this happens once", file=sys.stderr)
-        convert(_read_source(builtin_path(name)), out, preset=DEFAULT_PRESET, progress=progress,
-                source_name=name, overwrite=True)  # fmt: skip
-    return out
-
-
-def load_fgs(path: Path, name: str) -> LoadedModel:
-    from mlx.utils import tree_unflatten
-
-    from mmt_mlx.fgs.format import load_fgs_model
-    from mmt_mlx.fgs.layers import FGSEmbedding, FGSLinear
-
-    manifest, codes, raw = load_fgs_model(path)
-    model = build_model(manifest["arch"], manifest["config"])
-    replaced = []
-    for mod_name, module in model.named_modules():
-        code = codes.get(f"{mod_name}.weight")
-        if code is None:
-            continue
-        if isinstance(module, nn.Embedding):
-            replaced.append((mod_name, FGSEmbedding(code)))
-        elif isinstance(module, nn.Linear):
-            replaced.append((mod_name, FGSLinear(code)))
-    if len(replaced) != len(codes):
-        raise ModelFormatError(
-            f"{path}: {len(codes) - len(replaced)} coded tensors match no layer of the model"
-        )
-    model.update_modules(tree_unflatten(replaced))
-    dtype = compute_dtype()
-    try:
-        model.load_weights([(k, mx.array(v, dtype=dtype)) for k, v in raw.items()], strict=False)
-    except ValueError as e:
-        raise ModelFormatError(f"{path}: raw tensors do not match the model ({e})") from None
-    mx.eval(model.parameters())
-    tokenizer = _fgs_tokenizer(path, manifest["tokenizer"])
-    report = manifest.get("report", {})
-    info = {"format": "fgs", "stored_bytes": report.get("stored_bytes"), "source_bytes": report.get("source_bytes"),
-            "parameters": report.get("parameters"), "tau": report.get("tau"), "preset": report.get("preset")}  # fmt: skip
-    context = int(manifest["config"].get("max_position_embeddings", 2048))
-    return LoadedModel(model, tokenizer, name, str(path), context, manifest["arch"], info)
-
-
-def _fgs_tokenizer(path: Path, record: dict) -> Tokenizer:
-    from types import SimpleNamespace
-
-    from mmt_mlx.tokenizer import tokenizer_from_gguf, tokenizer_from_hf_dir
-
-    if record.get("kind") == "gguf-fields":
-        fields = json.loads((path / record["file"]).read_text(encoding="utf-8"))
-        for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
-            if key in fields:
-                fields[key] = np.asarray(fields[key])
-        return tokenizer_from_gguf(SimpleNamespace(fields=fields))
-    return tokenizer_from_hf_dir(path)
-
-
-def _is_gguf(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
+        return load_fgs(fgs_model_path(name, progress=progress)[1], name)
+    return model_from_source(read_source(path), name)

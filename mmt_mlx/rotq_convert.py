@@ -12,14 +12,13 @@
 from __future__ import annotations
 
 import heapq
-import os
 import time
 
 import numpy as np
 
 from mmt_mlx.errors import MmtError
 from mmt_mlx.fgs.codes import TensorCode
-from mmt_mlx.fgs.gauss_codes import (
+from mmt_mlx.fgs.encoders.gauss_codes import (
     CODE_BITS,
     decode_rotq,
     encode_rotq,
@@ -29,7 +28,7 @@ from mmt_mlx.fgs.gauss_codes import (
     rotq_code_nbytes,
     rotq_nbytes,
 )
-from mmt_mlx.fgs.rotation import rotate_covariance
+from mmt_mlx.fgs.encoders.rotation import rotate_covariance
 from mmt_mlx.rotq_calibrate import (
     bucket_kl,
     bucket_of,
@@ -116,12 +115,10 @@ def allocate(items: dict[str, dict], budget: int, bits: tuple[int, ...] = CODE_B
     return choice
 
 
-def convert_bpw(
+def encode_bpw(
     src: SourceModel,
-    out: str | os.PathLike,
     bpw: float,
     *,
-    overwrite: bool = False,
     progress: bool = True,
     source_name: str = "",
     calib_tokens: int = CALIB_TOKENS,
@@ -132,9 +129,7 @@ def convert_bpw(
     """Encode every 2-D weight as a rotq level so the stored model has <= ``bpw`` bits per weight."""
     from tqdm import tqdm
 
-    from mmt_mlx.convert import _tokenizer_record
-    from mmt_mlx.fgs.format import save_fgs_model
-    from mmt_mlx.loader import model_from_source
+    from mmt_mlx.build import model_from_source
 
     if not 1.0 < bpw < 16:
         raise MmtError("--bpw must be between 1 and 16")
@@ -203,12 +198,7 @@ def convert_bpw(
     report["calibration_tokens"] = sum(len(c) for c in chunks)
     report["stage_seconds"] = {"covariances_and_probe_codes": round(t_cov, 1), "sensitivity": round(t_cal - t_cov, 1),
                                "screening": round(t_screen - t_cal, 1), "encoding": round(report["seconds"] - t_screen, 1)}  # fmt: skip
-    tok, tok_files = _tokenizer_record(src)
-    save_fgs_model(
-        out, arch=src.arch, config=src.config, codes=codes, raw=raw, tokenizer=tok, tokenizer_files=tok_files,
-        report=report, overwrite=overwrite,
-    )  # fmt: skip
-    return report
+    return codes, raw, report
 
 
 def rotq_report(src, codes, raw, items, kl, bpw, preset, seconds, calib_seconds, source_name) -> dict:

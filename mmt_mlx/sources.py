@@ -3,8 +3,9 @@
 The result, a ``SourceModel``, is what both the runtime (build an MLX model) and ``mmt convert`` (encode FGS
 codes) start from. Weight names follow the Hugging Face layout without the ``model.`` prefix
 (``layers.3.self_attn.q_proj.weight``) and every convention is normalised here, so the model code stays
-file-agnostic: Llama Q/K rows un-permuted from GGUF's interleaved-RoPE order, Gemma norms stored as w
-(GGUF stores 1 + w).
+file-agnostic. Each architecture's names, config keys and quirks (Llama Q/K rows un-permuted from GGUF's
+interleaved-RoPE order, Gemma norms stored as w where GGUF stores 1 + w) live beside its model in
+``mmt_mlx/models/``; this module only reads the files.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ import numpy as np
 
 from mmt_mlx.errors import ModelFormatError
 from mmt_mlx.gguf_file import GGUFFile
+from mmt_mlx.models import ARCHITECTURES, HF_MODEL_TYPES
+from mmt_mlx.models.checkpoint import hf_name
 from mmt_mlx.tokenizer import Tokenizer, tokenizer_from_gguf, tokenizer_from_hf_dir
-
-SUPPORTED = ("llama", "gemma3")
 
 
 @dataclass
 class SourceModel:
-    arch: str  # "llama" | "gemma3"
+    arch: str  # a key of mmt_mlx.models.ARCHITECTURES
     config: dict  # keyword arguments of the architecture's ModelArgs
     weights: dict[str, np.ndarray]
     tokenizer: Tokenizer
@@ -34,104 +35,28 @@ class SourceModel:
     meta: dict = field(default_factory=dict)
 
 
-_GGUF_LAYER_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "post_attention_norm": "post_attention_layernorm",
-    "post_ffw_norm": "post_feedforward_layernorm",
-}
-_GGUF_TOP_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
-
-
-def _gguf_name(name: str, arch: str) -> str:
-    parts = name.split(".")
-    if parts[0] == "blk":
-        layer, base, suffix = parts[1], parts[2], parts[3]
-        if base == "ffn_norm":
-            mapped = "post_attention_layernorm" if arch == "llama" else "pre_feedforward_layernorm"
-        elif base in _GGUF_LAYER_NAMES:
-            mapped = _GGUF_LAYER_NAMES[base]
-        else:
-            raise ModelFormatError(f"unexpected tensor {name!r} in GGUF file")
-        return f"layers.{layer}.{mapped}.{suffix}"
-    if parts[0] in _GGUF_TOP_NAMES:
-        return f"{_GGUF_TOP_NAMES[parts[0]]}.{parts[1]}"
-    raise ModelFormatError(f"unexpected tensor {name!r} in GGUF file")
-
-
-def _unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """GGUF stores Llama Q/K rows in interleaved-pair order; restore the half-split (HF) order."""
-    rows = w.shape[0]
-    return w.reshape(n_heads, rows // n_heads // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
-
-
 def _field(reader: GGUFFile, key: str, default=None):
     return reader.fields.get(key, default)
-
-
-def _gguf_config(reader, arch: str) -> dict:
-    def g(key: str, default=None):
-        return _field(reader, f"{arch}.{key}", default)
-
-    n_heads = int(g("attention.head_count"))
-    common = dict(
-        hidden_size=int(g("embedding_length")),
-        num_hidden_layers=int(g("block_count")),
-        intermediate_size=int(g("feed_forward_length")),
-        num_attention_heads=n_heads,
-        num_key_value_heads=int(g("attention.head_count_kv", n_heads)),
-        rms_norm_eps=float(g("attention.layer_norm_rms_epsilon")),
-        max_position_embeddings=int(g("context_length", 2048)),
-    )
-    if arch == "llama":
-        return dict(
-            common,
-            rope_theta=float(g("rope.freq_base", 10000.0)),
-            head_dim=int(g("rope.dimension_count", 0)) or None,
-        )
-    head_dim = int(g("attention.key_length", 256))
-    # Not in the GGUF; these are Gemma 3's fixed settings (local RoPE base, global layer every 6th, scalar).
-    return dict(
-        common,
-        head_dim=head_dim,
-        rope_theta=float(g("rope.freq_base", 1_000_000.0)),
-        rope_local_base_freq=10_000.0,
-        sliding_window=int(g("attention.sliding_window", 512)),
-        sliding_window_pattern=6,
-        query_pre_attn_scalar=float(head_dim),
-    )
 
 
 def load_gguf(path: str | os.PathLike) -> SourceModel:
     path = str(path)
     reader = GGUFFile(path)
     arch = _field(reader, "general.architecture")
-    if arch not in SUPPORTED:
+    if arch not in ARCHITECTURES:
         raise ModelFormatError(
-            f"{path}: unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED)})"
+            f"{path}: unsupported architecture {arch!r} (supported: {', '.join(ARCHITECTURES)})"
         )
-    config = _gguf_config(reader, arch)
+    rules = ARCHITECTURES[arch]
+    config = rules.config_from_gguf(lambda key, default: _field(reader, f"{arch}.{key}", default))
     weights: dict[str, np.ndarray] = {}
     stored = 0
     try:
         for t in reader.tensors:
             w = reader.dequantize(t)
             stored += t.n_bytes
-            name = _gguf_name(t.name, arch)
-            if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-                heads = config["num_attention_heads"] if "q_proj" in name else config["num_key_value_heads"]
-                w = _unpermute_rope(w, heads)
-            if arch == "gemma3" and name.endswith("norm.weight"):
-                w = w - 1.0
-            weights[name] = np.ascontiguousarray(w)
+            name = hf_name(t.name, rules.GGUF_LAYER_NAMES)
+            weights[name] = np.ascontiguousarray(rules.from_gguf(name, w, config))
     except ModelFormatError:
         raise
     except Exception as e:
@@ -140,16 +65,12 @@ def load_gguf(path: str | os.PathLike) -> SourceModel:
     if emb is None:
         raise ModelFormatError(f"{path}: no token embedding tensor")
     config["vocab_size"] = int(emb.shape[0])
-    if arch == "llama":
-        config["tie_word_embeddings"] = "lm_head.weight" not in weights
+    rules.tie_embeddings(config, weights)
     tokenizer = tokenizer_from_gguf(reader)
     tok_fields = {k: v for k, v in reader.fields.items() if k.startswith("tokenizer.")}
     return SourceModel(
         arch, config, weights, tokenizer, path, stored, {"format": "gguf", "tokenizer_fields": tok_fields}
     )
-
-
-_HF_ARCH = {"llama": "llama", "mistral": "llama", "gemma3_text": "gemma3", "gemma3": "gemma3"}
 
 
 def load_hf_dir(path: str | os.PathLike) -> SourceModel:
@@ -163,8 +84,7 @@ def load_hf_dir(path: str | os.PathLike) -> SourceModel:
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise ModelFormatError(f"{cfg_path}: invalid JSON ({e})") from None
-    cfg = cfg.get("text_config", cfg) if cfg.get("model_type") == "gemma3" else cfg
-    arch = _HF_ARCH.get(cfg.get("model_type", ""))
+    arch = HF_MODEL_TYPES.get(cfg.get("model_type", ""))
     if arch is None:
         raise ModelFormatError(f"{root}: unsupported architecture {cfg.get('model_type')!r}")
     files = sorted(root.glob("*.safetensors"))
@@ -184,13 +104,9 @@ def load_hf_dir(path: str | os.PathLike) -> SourceModel:
                     name = name[len(prefix) :]
                     break
             weights[name] = w
-    config = _hf_config(cfg, arch)
-    if arch == "llama":
-        config["tie_word_embeddings"] = bool(cfg.get("tie_word_embeddings", "lm_head.weight" not in weights))
-        if config["tie_word_embeddings"]:
-            weights.pop("lm_head.weight", None)
-    else:
-        weights.pop("lm_head.weight", None)
+    rules = ARCHITECTURES[arch]
+    config = rules.config_from_hf(cfg)
+    rules.tie_embeddings(config, weights, cfg.get("tie_word_embeddings"))
     return SourceModel(
         arch, config, weights, tokenizer_from_hf_dir(root), str(root), stored, {"format": "hf"}
     )
@@ -203,28 +119,3 @@ def _load_safetensors_f32(path: Path, load_file) -> dict[str, np.ndarray]:
         import mlx.core as mx
 
         return {k: np.array(v.astype(mx.float32)) for k, v in mx.load(str(path)).items()}
-
-
-def _hf_config(cfg: dict, arch: str) -> dict:
-    n_heads = cfg["num_attention_heads"]
-    common = dict(
-        hidden_size=cfg["hidden_size"],
-        num_hidden_layers=cfg["num_hidden_layers"],
-        intermediate_size=cfg["intermediate_size"],
-        num_attention_heads=n_heads,
-        num_key_value_heads=cfg.get("num_key_value_heads", n_heads),
-        vocab_size=cfg["vocab_size"],
-        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-    )
-    if arch == "llama":
-        return dict(common, rope_theta=cfg.get("rope_theta", 10000.0), head_dim=cfg.get("head_dim"))
-    return dict(
-        common,
-        head_dim=cfg.get("head_dim", 256),
-        rope_theta=cfg.get("rope_theta", 1_000_000.0),
-        rope_local_base_freq=cfg.get("rope_local_base_freq", 10_000.0),
-        sliding_window=cfg.get("sliding_window", 512),
-        sliding_window_pattern=cfg.get("sliding_window_pattern", 6),
-        query_pre_attn_scalar=cfg.get("query_pre_attn_scalar", 256),
-    )

@@ -6,7 +6,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mmt_mlx.loader import LoadedModel, build_model, compute_dtype
+from mmt_mlx.build import LoadedModel, build_model, compute_dtype
+from mmt_mlx.models import ARCHITECTURES
+from mmt_mlx.models.checkpoint import gguf_name
 from mmt_mlx.registry import builtin_path
 
 TINY_CONFIGS = {
@@ -67,28 +69,6 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides) -> LoadedModel:
     )
 
 
-_GGUF_NAMES = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
-    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-    "input_layernorm": "attn_norm", "post_feedforward_layernorm": "post_ffw_norm",
-}  # fmt: skip
-
-
-def _to_gguf_name(name: str, arch: str) -> str:
-    if name.startswith("layers."):
-        _, layer, rest = name.split(".", 2)
-        module, suffix = rest.rsplit(".", 1)
-        if module == "post_attention_layernorm":
-            base = "ffn_norm" if arch == "llama" else "post_attention_norm"
-        elif module == "pre_feedforward_layernorm":
-            base = "ffn_norm"
-        else:
-            base = _GGUF_NAMES[module]
-        return f"blk.{layer}.{base}.{suffix}"
-    return {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight"}[name]
-
-
 def write_tiny_gguf(
     path: str, arch: str = "llama", seed: int = 0, architecture_name: str | None = None
 ) -> dict:
@@ -126,15 +106,10 @@ def write_tiny_gguf(
                 w.add_bool(key, value)
             else:
                 w.add_uint32(key, int(value))
+    rules = ARCHITECTURES[arch]
     for hf_name, value in weights.items():
-        out = value
-        if arch == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
-            heads = config["num_attention_heads"] if "q_proj" in hf_name else config["num_key_value_heads"]
-            rows = out.shape[0]
-            out = out.reshape(heads, 2, rows // heads // 2, -1).swapaxes(1, 2).reshape(out.shape)
-        if arch == "gemma3" and hf_name.endswith("norm.weight"):
-            out = out + 1.0
-        w.add_tensor(_to_gguf_name(hf_name, arch), np.ascontiguousarray(out, dtype=np.float32))
+        out = rules.to_gguf(hf_name, value, config)
+        w.add_tensor(gguf_name(hf_name, rules.GGUF_LAYER_NAMES), np.ascontiguousarray(out, dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -4,10 +4,13 @@ MLX must not be driven from several threads at once, so everything that touches 
 included -- happens in a single worker thread. Requests are served one after another (no batching). The
 asyncio side submits a :class:`Job` and reads :class:`~mmt_mlx.generate.GenerationChunk` objects from the
 job's own ``asyncio.Queue`` (filled with ``loop.call_soon_threadsafe``), so a request only ever sees its own
-tokens; each generation starts from a fresh cache inside ``stream_generate``.
+tokens; each generation starts from a fresh cache inside ``generate_request``.
 
 A client that goes away sets ``job.cancel``: a waiting job leaves the queue at once, a running one is stopped
 through ``should_stop`` before its next token, so the next request starts promptly.
+
+The engine knows nothing of HTTP or of the metrics: it reports each finished generation to the
+``on_generation`` hook it is given, and its gauges through :meth:`Engine.gauges`.
 """
 
 from __future__ import annotations
@@ -19,15 +22,46 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from .metrics import Metrics
+from mmt_mlx.errors import MmtError
+from mmt_mlx.generate import GenerationChunk, generate_request
+from mmt_mlx.request import GenerationRequest
+
+if TYPE_CHECKING:
+    from mmt_mlx.build import LoadedModel
 
 log = logging.getLogger("mmt_mlx.server")
 
 _END = object()  # end-of-stream marker put on a job's queue after its last chunk (or error)
 
-GenerateFn = Callable[..., Iterator[Any]]
+
+class GenerateFn(Protocol):
+    """What the worker runs for a job: ``mmt_mlx.generate.generate_request`` unless a test replaces it."""
+
+    def __call__(
+        self, lm: LoadedModel, request: GenerationRequest, should_stop: Callable[[], bool]
+    ) -> Iterator[GenerationChunk]: ...
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    """One finished (or cancelled) generation, as reported to the ``on_generation`` hook."""
+
+    prompt_tokens: int
+    generation_tokens: int
+    prompt_tps: float
+    generation_tps: float
+    cancelled: bool
+
+
+@dataclass(frozen=True)
+class EngineGauges:
+    """The engine's state right now, for ``/metrics``."""
+
+    queue_depth: int  # jobs waiting
+    running: int  # jobs being generated
+    max_queue: int  # waiting jobs allowed (more get 429)
 
 
 class QueueFullError(Exception):
@@ -42,11 +76,7 @@ class NotReadyError(Exception):
 class Job:
     """One generation request, from the HTTP handler to the worker and back."""
 
-    prompt: list[int]
-    max_tokens: int
-    sampling: Any  # mmt_mlx.sample.SamplingParams
-    stop: list[str] | None = None
-    logprobs: int = 0
+    request: GenerationRequest
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
     out: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -59,7 +89,7 @@ class Job:
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             self.cancel.set()
 
-    async def chunks(self) -> AsyncIterator[Any]:
+    async def chunks(self) -> AsyncIterator[GenerationChunk]:
         """Yield this job's chunks; re-raise an exception raised by the generator."""
         while True:
             item = await self.out.get()
@@ -75,22 +105,22 @@ class Engine:
 
     def __init__(
         self,
-        loader: Callable[[], Any],
+        loader: Callable[[], LoadedModel],
         *,
         max_queue: int = 16,
-        metrics: Metrics | None = None,
         generate_fn: GenerateFn | None = None,
+        on_generation: Callable[[GenerationStats], None] | None = None,
     ) -> None:
+        """``loader`` runs in the worker thread at :meth:`start`; ``generate_fn`` replaces
+        ``generate_request`` (tests, benchmarks); ``on_generation`` is called (in the worker thread) after
+        every generation that produced at least one chunk."""
         if max_queue < 0:
             raise ValueError("max_queue must be >= 0")
         self.loader = loader
         self.max_queue = max_queue
-        self.metrics = metrics or Metrics()
-        self.metrics.max_queue = max_queue
-        self.metrics.queue_depth = self.queue_depth
-        self.metrics.running = lambda: int(self._running is not None)
-        self._generate_fn = generate_fn
-        self.lm: Any = None
+        self._on_generation = on_generation
+        self._generate_fn: GenerateFn = generate_fn or generate_request
+        self.lm: LoadedModel | None = None
         self.state = "new"  # new -> loading -> ready | failed
         self.error: BaseException | None = None
         self.loaded = threading.Event()  # set once loading ended (ready or failed)
@@ -131,8 +161,9 @@ class Engine:
 
     # -- submission (asyncio side) ------------------------------------------------------------------
 
-    def queue_depth(self) -> int:
-        return len(self._pending)
+    def gauges(self) -> EngineGauges:
+        with self._cond:
+            return EngineGauges(len(self._pending), int(self._running is not None), self.max_queue)
 
     def submit(self, job: Job) -> None:
         """Queue a job; raises :class:`QueueFullError` when ``max_queue`` jobs already wait."""
@@ -163,10 +194,6 @@ class Engine:
         t0 = time.perf_counter()
         try:
             self.lm = self.loader()
-            if self._generate_fn is None:
-                from mmt_mlx.generate import stream_generate
-
-                self._generate_fn = stream_generate
         except BaseException as exc:  # noqa: BLE001 - reported through /health and serve()
             self.error = exc
             self.state = "failed"
@@ -198,34 +225,20 @@ class Engine:
         job.started = time.perf_counter()
         last = None
         try:
-            assert self._generate_fn is not None
-            for chunk in self._generate_fn(
-                self.lm,
-                job.prompt,
-                max_tokens=job.max_tokens,
-                sampling=job.sampling,
-                stop=job.stop,
-                logprobs=job.logprobs,
-                should_stop=job.cancel.is_set,
-            ):
+            assert self.lm is not None
+            for chunk in self._generate_fn(self.lm, job.request, job.cancel.is_set):
                 last = chunk
                 job._emit(chunk)
                 if job.cancel.is_set():
                     break
         except Exception as exc:
-            if not isinstance(exc, _user_errors()):
+            if not isinstance(exc, MmtError):
                 log.exception("generation failed")
             job._emit(exc)
         finally:
-            if last is not None:
-                self.metrics.record_generation(
+            if last is not None and self._on_generation is not None:
+                self._on_generation(GenerationStats(
                     int(last.prompt_tokens), int(last.generation_tokens), float(last.prompt_tps or 0.0),
-                    float(last.generation_tps or 0.0), cancelled=job.cancel.is_set(),
-                )  # fmt: skip
+                    float(last.generation_tps or 0.0), job.cancel.is_set(),
+                ))  # fmt: skip
             job._emit(_END)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from mmt_mlx.errors import MmtError
-
-    return (MmtError,)

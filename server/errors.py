@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mmt_mlx.errors import MmtError, PromptError
+from mmt_mlx.errors import ContextLengthError, EmptyPromptError, MmtError, PromptError, TokenIdError
 
 INVALID_REQUEST = "invalid_request_error"
 AUTHENTICATION = "authentication_error"
@@ -97,13 +97,28 @@ def load_failed(message: str) -> APIError:
     return APIError(503, f"The model failed to load: {message}", type=SERVER_ERROR, code="model_load_failed")
 
 
-def from_mmt_error(exc: MmtError) -> APIError:
-    """A user-input error raised by the runtime (bad prompt, missing chat template...) -> 400."""
+def internal(exc: BaseException) -> APIError:
+    """A failure of the server itself (a bug, a broken model): 500, named but without a traceback."""
+    return APIError(500, f"Generation failed: {type(exc).__name__}: {exc}", type=SERVER_ERROR)
+
+
+def from_mmt_error(exc: MmtError, param: str | None = None) -> APIError:
+    """A user-input error raised by the runtime -> 400, by the error's type. ``param``: the request field
+    the prompt came from ("messages" or "prompt")."""
+    if isinstance(exc, ContextLengthError):
+        field = param or "prompt"
+        return invalid_request(
+            f"This model's maximum context length is {exc.context_length} tokens. However, your {field} "
+            f"resulted in {exc.prompt_tokens} tokens. Please reduce the length of the {field}.",
+            field, "context_length_exceeded",
+        )  # fmt: skip
+    if isinstance(exc, EmptyPromptError):
+        return invalid_request("The prompt is empty.", param)
+    if isinstance(exc, TokenIdError):
+        return invalid_request(str(exc), exc.field)
     if isinstance(exc, PromptError):
-        text = str(exc)
-        code = "context_length_exceeded" if "context" in text.lower() else None
-        return APIError(400, text or "Invalid prompt.", param="messages", code=code)
-    return APIError(400, str(exc) or type(exc).__name__)
+        return invalid_request(str(exc) or "Invalid prompt.", param)
+    return invalid_request(str(exc) or type(exc).__name__)
 
 
 def _loc_to_param(loc: tuple[Any, ...]) -> str | None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from collections.abc import Callable
+
+from .engine import EngineGauges, GenerationStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -27,18 +28,15 @@ class Metrics:
         self.generation_seconds = 0.0
         self.last_prompt_tps = 0.0
         self.last_generation_tps = 0.0
-        self.queue_depth: Callable[[], int] = lambda: 0
-        self.running: Callable[[], int] = lambda: 0
-        self.max_queue = 0
 
     def count_request(self, endpoint: str, status: int) -> None:
         with self._lock:
             self.requests[(endpoint, str(status))] += 1
 
-    def record_generation(
-        self, prompt_tokens: int, generation_tokens: int, prompt_tps: float, generation_tps: float,
-        cancelled: bool = False,
-    ) -> None:  # fmt: skip
+    def record_generation(self, stats: GenerationStats) -> None:
+        """The engine's ``on_generation`` hook (called from its worker thread)."""
+        prompt_tokens, generation_tokens = stats.prompt_tokens, stats.generation_tokens
+        prompt_tps, generation_tps, cancelled = stats.prompt_tps, stats.generation_tps, stats.cancelled
         with self._lock:
             self.generations += 1
             self.cancelled += int(cancelled)
@@ -57,7 +55,7 @@ class Metrics:
     def avg_generation_tps(self) -> float:
         return self.generation_tokens / self.generation_seconds if self.generation_seconds > 0 else 0.0
 
-    def render(self, model: str | None = None, loaded: bool = False) -> str:
+    def render(self, gauges: EngineGauges, model: str | None = None, loaded: bool = False) -> str:
         lines: list[str] = []
 
         def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
@@ -89,10 +87,10 @@ class Metrics:
                    [('{stat="last"}', float(self.last_generation_tps)),
                     ('{stat="avg"}', float(self.avg_generation_tps()))])  # fmt: skip
         metric("mmt_queue_depth", "gauge", "Requests waiting for the generation worker.",
-               [("", self.queue_depth())])  # fmt: skip
+               [("", gauges.queue_depth)])  # fmt: skip
         metric("mmt_queue_capacity", "gauge", "Maximum number of waiting requests (more get 429).",
-               [("", self.max_queue)])  # fmt: skip
-        metric("mmt_requests_running", "gauge", "Requests being generated right now.", [("", self.running())])
+               [("", gauges.max_queue)])  # fmt: skip
+        metric("mmt_requests_running", "gauge", "Requests being generated right now.", [("", gauges.running)])
         label = f'{{model="{_esc(model)}"}}' if model else ""
         metric("mmt_model_loaded", "gauge", "1 once the model is loaded and the server is ready.",
                [(label, int(loaded))])  # fmt: skip

@@ -12,17 +12,13 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mmt_mlx.bench import (
-    APPLE_CHIPS,
-    add_bench_parser,
-    apple_estimates,
-    bench_stats,
-    gguf_weight_bytes,
-    mean_std,
-    run_bench,
-    weight_bytes,
-)
-from mmt_mlx.evals import add_eval_parsers, frontier, kl_eval
+from mmt_mlx.bench.accounting import gguf_weight_bytes, weight_bytes
+from mmt_mlx.bench.cli import add_bench_parser
+from mmt_mlx.bench.run import run_bench
+from mmt_mlx.bench.stats import APPLE_CHIPS, apple_estimates, bench_stats, mean_std
+from mmt_mlx.evals.cli import add_eval_parsers
+from mmt_mlx.evals.frontier import frontier
+from mmt_mlx.evals.kl import kl_eval
 from mmt_mlx.testing import TINY_CONFIGS, tiny_model
 
 

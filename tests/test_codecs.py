@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 import mmt_mlx  # noqa: F401  (BLAS preload before mlx)
-from mmt_mlx.fgs import quant as Q
-from mmt_mlx.fgs.circulant import circulant_matvec, decode_circulant, fit_circulant
+from mmt_mlx.fgs.codec import code_nbytes, decode_tensor
 from mmt_mlx.fgs.codes import GaussianCode, TensorCode
-from mmt_mlx.fgs.gaussian import column_order, decode_gaussian, fit_gaussian, sigma_grid
-from mmt_mlx.fgs.meta import (
+from mmt_mlx.fgs.encoders import quant as Q
+from mmt_mlx.fgs.encoders.circulant import circulant_matvec, decode_circulant, fit_circulant
+from mmt_mlx.fgs.encoders.gaussian import column_order, decode_gaussian, fit_gaussian, sigma_grid
+from mmt_mlx.fgs.encoders.meta import (
     METHODS,
     best_meta,
     decode_meta,
@@ -19,7 +20,7 @@ from mmt_mlx.fgs.meta import (
     haar_inverse,
     meta_nbytes,
 )
-from mmt_mlx.fgs.planner import code_nbytes, decode_tensor, plan_tensor
+from mmt_mlx.fgs.encoders.planner import plan_tensor
 
 mx = pytest.importorskip("mlx.core")
 

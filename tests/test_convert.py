@@ -6,12 +6,14 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
+from mmt_mlx.build import build_model, load_fgs
 from mmt_mlx.cli import main
 from mmt_mlx.convert import convert
 from mmt_mlx.errors import ModelFormatError
 from mmt_mlx.fgs import format as fgs_format
-from mmt_mlx.fgs.planner import decode_tensor
-from mmt_mlx.loader import build_model, load_fgs, load_model, load_source
+from mmt_mlx.fgs.codec import decode_tensor
+from mmt_mlx.loader import load_model
+from mmt_mlx.locate import load_source
 from mmt_mlx.perplexity import perplexity
 
 ALICE = Path(__file__).parent / "fixtures" / "alice29.txt"

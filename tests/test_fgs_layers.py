@@ -8,9 +8,9 @@ import pytest
 from metal_harness import oracle as O
 
 import mmt_mlx  # noqa: F401  (preloads OpenBLAS before mlx.core)
-from mmt_mlx.fgs import kernels as K
 from mmt_mlx.fgs.codes import MetaCode, TensorCode
-from mmt_mlx.fgs.layers import FGSEmbedding, FGSLinear
+from mmt_mlx.fgs.runtime import kernels as K
+from mmt_mlx.fgs.runtime.layers import FGSEmbedding, FGSLinear
 
 
 def _code(rng: np.random.Generator, rows: int, cols: int) -> TensorCode:

@@ -16,8 +16,8 @@ from metal_harness import harness
 from metal_harness import oracle as O
 
 import mmt_mlx  # noqa: F401  (preloads OpenBLAS before mlx.core)
-from mmt_mlx.fgs import kernels as K
-from mmt_mlx.fgs import ops
+from mmt_mlx.fgs.runtime import kernels as K
+from mmt_mlx.fgs.runtime import ops
 
 RTOL = 2e-5  # error / max |y|, f32 accumulation over a few hundred columns
 

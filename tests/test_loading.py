@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from mmt_mlx.build import build_model
 from mmt_mlx.errors import ModelFormatError, ModelNotFoundError
-from mmt_mlx.loader import build_model, load_model
+from mmt_mlx.loader import load_model
 from mmt_mlx.testing import TINY_CONFIGS
 
 

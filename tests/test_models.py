@@ -4,7 +4,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mmt_mlx.loader import build_model
+from mmt_mlx.build import build_model
 from mmt_mlx.testing import TINY_CONFIGS, random_weights
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from mmt_mlx.fgs import format as fgs_format
 from mmt_mlx.fgs.codes import TensorCode
-from mmt_mlx.fgs.gauss_codes import (
+from mmt_mlx.fgs.encoders.gauss_codes import (
     check_layout,
     decode_rotated,
     decode_rotq,
@@ -16,9 +16,9 @@ from mmt_mlx.fgs.gauss_codes import (
     rotq_code_nbytes,
     rotq_nbytes,
 )
-from mmt_mlx.fgs.layers import FGSEmbedding, FGSLinear
-from mmt_mlx.fgs.quant import unpack_bits
-from mmt_mlx.fgs.rotation import rotate, rotate_covariance, rotation_params, unrotate
+from mmt_mlx.fgs.encoders.quant import unpack_bits
+from mmt_mlx.fgs.encoders.rotation import rotate, rotate_covariance, rotation_params, unrotate
+from mmt_mlx.fgs.runtime.layers import FGSEmbedding, FGSLinear
 from mmt_mlx.rotq_convert import allocate, gaussian_distortion
 
 
@@ -101,7 +101,7 @@ def _code(rows=96, cols=128, bits=3, seed=9):
 
 @pytest.mark.parametrize("tokens", [1, 5])
 def test_mlx_product_matches_numpy_decode(tokens, monkeypatch):
-    from mmt_mlx.fgs import rotq_layer
+    from mmt_mlx.fgs.runtime import rotq_layer
 
     monkeypatch.setattr(rotq_layer, "_TILE_ELEMS", 128 * 40)  # several tiles, the last one partial
     _, code = _code()

@@ -5,77 +5,21 @@ deterministic, so the server's answers are compared with direct `stream_generate
 from __future__ import annotations
 
 import json
-import socket
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from mmt_mlx.server.app import create_app
+from server_helpers import LiveServer
 
 from mmt_mlx.generate import stream_generate
 from mmt_mlx.sample import SamplingParams
 from mmt_mlx.testing import tiny_model
 
 KEY = "test-secret-key"
-
-
-class LiveServer:
-    """create_app(...) served by uvicorn in a background thread on a free loopback port."""
-
-    def __init__(self, app: Any, wait_ready: bool = True) -> None:
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        sock.close()
-        self.app = app
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 60
-        while not self.server.started:
-            assert time.time() < deadline, "uvicorn did not start"
-            assert self.thread.is_alive(), "uvicorn exited"
-            time.sleep(0.01)
-        if wait_ready:
-            self.wait_ready()
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.time() + timeout
-        while httpx.get(self.url + "/health").status_code != 200:
-            assert time.time() < deadline, "model did not load"
-            time.sleep(0.05)
-
-    def client(self, api_key: str = "unused", **kw: Any) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=60, **kw)
-
-    @property
-    def model(self) -> str:
-        return httpx.get(self.url + "/health").json()["model"]
-
-    def metrics(self) -> str:
-        return httpx.get(self.url + "/metrics").text
-
-    def close(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
-
-
-def slowed(delay: float) -> Callable[..., Iterator[Any]]:
-    """stream_generate, but each token takes at least `delay` seconds (to hold the worker busy)."""
-
-    def gen(*args: Any, **kwargs: Any) -> Iterator[Any]:
-        for chunk in stream_generate(*args, **kwargs):
-            time.sleep(delay)
-            yield chunk
-
-    return gen
 
 
 @pytest.fixture(scope="module")
@@ -142,9 +86,14 @@ def test_chat_completion_matches_direct_generation(client, model_name, lm):
 
 
 def test_max_completion_tokens_and_length(client, model_name, lm):
-    r = client.chat.completions.create(model=model_name, messages=MSGS, max_completion_tokens=3,
-                                       logit_bias={"0": -100})  # fmt: skip
-    assert r.usage.completion_tokens <= 3
+    banned = sorted(lm.tokenizer.eos_ids)  # no end of text: the budget alone stops the answer
+    r = client.chat.completions.create(model=model_name, messages=MSGS, max_tokens=5, max_completion_tokens=3,
+                                       logit_bias={str(t): -100 for t in banned})  # fmt: skip
+    ids = chat_ids(lm, "Say hello.")
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 3  # max_completion_tokens wins over max_tokens
+    assert r.usage.prompt_tokens == len(ids)
+    assert r.choices[0].message.content == direct(lm, ids, 3, logit_bias={t: -100.0 for t in banned})
 
 
 def test_completion_prompt_forms(client, model_name, lm):
@@ -438,101 +387,6 @@ def test_load_failure_reported():
         _error(httpx.get(s.url + "/v1/models"), 503, code="model_load_failed")
     finally:
         s.close()
-
-
-# -- queueing and cancellation ------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def slow():
-    s = LiveServer(create_app(tiny_model, max_queue=1, generate_fn=slowed(0.02)))
-    yield s
-    s.close()
-
-
-def _gauge(s: LiveServer, name: str) -> float:
-    for line in s.metrics().splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(name)
-
-
-def test_disconnect_mid_stream_frees_the_worker(slow):
-    body = {"prompt": "Tell me a long story", "max_tokens": 400, "stream": True, "logit_bias": {"0": -100}}
-    with httpx.stream("POST", slow.url + "/v1/completions", json=body, timeout=60) as r:
-        got = 0
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                got += 1
-                if got == 3:
-                    break  # leaving the block closes the connection mid-stream
-    t0 = time.perf_counter()
-    r = slow.client().completions.create(model=slow.model, prompt="Hi", max_tokens=3)
-    elapsed = time.perf_counter() - t0
-    assert r.choices[0].text is not None
-    assert elapsed < 3.0, f"the next request waited {elapsed:.1f}s: the disconnected one kept generating"
-    assert _gauge(slow, "mmt_generations_cancelled_total") >= 1
-
-
-def test_non_streaming_disconnect_cancels(slow):
-    body = {"prompt": "Tell me a long story", "max_tokens": 400, "logit_bias": {"0": -100}}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(slow.url + "/v1/completions", json=body, timeout=0.5)
-    t0 = time.perf_counter()
-    slow.client().completions.create(model=slow.model, prompt="Hi", max_tokens=3)
-    assert time.perf_counter() - t0 < 3.0
-
-
-def test_disconnect_while_queued_frees_the_slot(slow):
-    long = {"prompt": "Tell me a long story", "max_tokens": 300, "stream": True, "logit_bias": {"0": -100}}
-    with httpx.stream("POST", slow.url + "/v1/completions", json=long, timeout=60) as r:
-        lines = r.iter_lines()
-        next(lines)  # the long request is being generated
-        with pytest.raises(httpx.ReadTimeout):  # this one waits in the queue, then its client gives up
-            httpx.post(slow.url + "/v1/completions", json=dict(long, stream=False), timeout=0.5)
-        deadline = time.time() + 3
-        while _gauge(slow, "mmt_queue_depth"):
-            assert time.time() < deadline, "the abandoned request still holds its queue slot"
-            time.sleep(0.02)
-        assert _gauge(slow, "mmt_requests_running") == 1
-
-
-def test_queue_full_429(slow):
-    body = {"prompt": "Tell me a long story", "max_tokens": 300, "stream": True, "logit_bias": {"0": -100}}
-    streams: list[Any] = []
-    stop = threading.Event()
-
-    def hold() -> None:
-        with httpx.stream("POST", slow.url + "/v1/completions", json=body, timeout=60) as r:
-            streams.append(r.status_code)
-            for _ in r.iter_lines():
-                if stop.is_set():
-                    return
-
-    threads = [threading.Thread(target=hold, daemon=True) for _ in range(2)]
-    try:
-        threads[0].start()
-        deadline = time.time() + 10
-        while _gauge(slow, "mmt_requests_running") < 1:
-            assert time.time() < deadline
-            time.sleep(0.02)
-        threads[1].start()
-        while _gauge(slow, "mmt_queue_depth") < 1:
-            assert time.time() < deadline
-            time.sleep(0.02)
-        with pytest.raises(openai.RateLimitError) as e:
-            slow.client().completions.create(model=slow.model, prompt="Hi", max_tokens=3)
-        assert e.value.code == "queue_full"
-        assert 'status="429"' in slow.metrics()
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(30)
-    assert streams == [200, 200]
-    deadline = time.time() + 10
-    while _gauge(slow, "mmt_queue_depth") or _gauge(slow, "mmt_requests_running"):
-        assert time.time() < deadline, "cancelled requests did not free the queue"
-        time.sleep(0.02)
 
 
 def test_concurrent_requests_get_their_own_outputs(live, model_name, lm):

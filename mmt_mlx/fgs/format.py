@@ -25,8 +25,7 @@ from typing import Any
 import numpy as np
 
 from mmt_mlx.errors import ModelFormatError
-from mmt_mlx.fgs.codes import CirculantCode, GaussianCode, Level, MetaCode, QuantCode, TensorCode
-from mmt_mlx.fgs.gauss_codes import RotQCode
+from mmt_mlx.fgs.codes import CirculantCode, GaussianCode, Level, MetaCode, QuantCode, RotQCode, TensorCode
 
 FORMAT = "mmt-fgs"
 FORMAT_VERSION = 1
@@ -159,21 +158,31 @@ def _level(arrays, e: dict, where: str) -> Level:
     return GaussianCode(**params, amp=amp, mu=got["mu"], sidx=got["sidx"], perm=got.get("perm"))
 
 
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The manifest of an FGS model directory, checked for its format and version (arrays not read)."""
+    file = Path(path) / MANIFEST
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFormatError(f"{file}: unreadable manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ModelFormatError(f"{file}: not an FGS model manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ModelFormatError(
+            f"{file}: format version {manifest.get('format_version')} (this mmt reads {FORMAT_VERSION})"
+        )
+    for key, kind in (("arch", str), ("config", dict), ("tokenizer", dict), ("tensors", dict), ("raw", dict)):
+        if not isinstance(manifest.get(key), kind):
+            raise ModelFormatError(f"{file}: malformed manifest ({key!r} missing or not a {kind.__name__})")
+    return manifest
+
+
 def load_fgs_model(path: str | os.PathLike) -> tuple[dict, dict[str, TensorCode], dict[str, np.ndarray]]:
     """(manifest, codes, raw tensors) of an FGS model directory, every array checked against the manifest."""
     from safetensors.numpy import load_file
 
     root = Path(path)
-    try:
-        manifest = json.loads((root / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelFormatError(f"{root / MANIFEST}: unreadable manifest ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise ModelFormatError(f"{root / MANIFEST}: not an FGS model manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ModelFormatError(
-            f"{root / MANIFEST}: format version {manifest.get('format_version')} (this mmt reads {FORMAT_VERSION})"
-        )
+    manifest = read_manifest(root)
     try:
         arrays = load_file(str(root / CODES))
     except Exception as e:  # safetensors raises its own error types on truncated/invalid headers

@@ -6,9 +6,16 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from mmt_mlx.cache import KVCache, SlidingKVCache
 from mmt_mlx.models.base import attention, attention_mask
+from mmt_mlx.models.checkpoint import (
+    COMMON_GGUF_LAYER_NAMES,
+    GGUFGetter,
+    common_gguf_config,
+    common_hf_config,
+)
 
 
 @dataclass
@@ -125,3 +132,58 @@ class Model(nn.Module):
             KVCache() if a.is_global(i) else SlidingKVCache(a.sliding_window)
             for i in range(a.num_hidden_layers)
         ]
+
+
+# ---------------------------------------------------------------------------------------------- checkpoint rules
+# How GGUF files and Hugging Face directories store this architecture (read by ``mmt_mlx.sources``).
+
+HF_MODEL_TYPES = ("gemma3_text", "gemma3")
+GGUF_LAYER_NAMES = {
+    **COMMON_GGUF_LAYER_NAMES,
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+
+
+def config_from_gguf(get: GGUFGetter) -> dict:
+    head_dim = int(get("attention.key_length", 256))
+    # Not in the GGUF; these are Gemma 3's fixed settings (local RoPE base, global layer every 6th, scalar).
+    return dict(
+        common_gguf_config(get),
+        head_dim=head_dim,
+        rope_theta=float(get("rope.freq_base", 1_000_000.0)),
+        rope_local_base_freq=10_000.0,
+        sliding_window=int(get("attention.sliding_window", 512)),
+        sliding_window_pattern=6,
+        query_pre_attn_scalar=float(head_dim),
+    )
+
+
+def config_from_hf(cfg: dict) -> dict:
+    cfg = cfg.get("text_config", cfg)  # the multimodal checkpoints nest the decoder's config
+    return dict(
+        common_hf_config(cfg),
+        head_dim=cfg.get("head_dim", 256),
+        rope_theta=cfg.get("rope_theta", 1_000_000.0),
+        rope_local_base_freq=cfg.get("rope_local_base_freq", 10_000.0),
+        sliding_window=cfg.get("sliding_window", 512),
+        sliding_window_pattern=cfg.get("sliding_window_pattern", 6),
+        query_pre_attn_scalar=cfg.get("query_pre_attn_scalar", 256),
+    )
+
+
+def from_gguf(name: str, w: np.ndarray, config: dict) -> np.ndarray:
+    """GGUF stores RMSNorm weights as 1 + w; the model (like Hugging Face) holds w."""
+    return w - 1.0 if name.endswith("norm.weight") else w
+
+
+def to_gguf(name: str, w: np.ndarray, config: dict) -> np.ndarray:
+    return w + 1.0 if name.endswith("norm.weight") else w
+
+
+def tie_embeddings(config: dict, weights: dict[str, np.ndarray], declared: bool | None = None) -> None:
+    """Gemma 3 always ties the LM head to the embedding table."""
+    weights.pop("lm_head.weight", None)

@@ -6,9 +6,16 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from mmt_mlx.cache import KVCache
 from mmt_mlx.models.base import attention, attention_mask
+from mmt_mlx.models.checkpoint import (
+    COMMON_GGUF_LAYER_NAMES,
+    GGUFGetter,
+    common_gguf_config,
+    common_hf_config,
+)
 
 
 @dataclass
@@ -105,3 +112,56 @@ class Model(nn.Module):
 
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.layers]
+
+
+# ---------------------------------------------------------------------------------------------- checkpoint rules
+# How GGUF files and Hugging Face directories store this architecture (read by ``mmt_mlx.sources``).
+
+HF_MODEL_TYPES = ("llama", "mistral")
+GGUF_LAYER_NAMES = {**COMMON_GGUF_LAYER_NAMES, "ffn_norm": "post_attention_layernorm"}
+
+
+def config_from_gguf(get: GGUFGetter) -> dict:
+    return dict(
+        common_gguf_config(get),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        head_dim=int(get("rope.dimension_count", 0)) or None,
+    )
+
+
+def config_from_hf(cfg: dict) -> dict:
+    return dict(
+        common_hf_config(cfg), rope_theta=cfg.get("rope_theta", 10000.0), head_dim=cfg.get("head_dim")
+    )
+
+
+def _rope_heads(name: str, config: dict) -> int | None:
+    if name.endswith("q_proj.weight"):
+        return config["num_attention_heads"]
+    if name.endswith("k_proj.weight"):
+        return config["num_key_value_heads"]
+    return None
+
+
+def from_gguf(name: str, w: np.ndarray, config: dict) -> np.ndarray:
+    """GGUF stores Q/K rows in interleaved-pair (traditional RoPE) order; restore the half-split (HF) order."""
+    heads = _rope_heads(name, config)
+    if heads is None:
+        return w
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
+
+
+def to_gguf(name: str, w: np.ndarray, config: dict) -> np.ndarray:
+    """The inverse of ``from_gguf`` (what llama.cpp's converter does)."""
+    heads = _rope_heads(name, config)
+    if heads is None:
+        return w
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(w.shape)
+
+
+def tie_embeddings(config: dict, weights: dict[str, np.ndarray], declared: bool | None = None) -> None:
+    """Untied when the checkpoint has its own LM head (or its config says so); a tied head is dropped."""
+    tied = ("lm_head.weight" not in weights) if declared is None else bool(declared)
+    config["tie_word_embeddings"] = tied
+    if tied:
+        weights.pop("lm_head.weight", None)

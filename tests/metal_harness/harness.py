@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmt_mlx.fgs.kernels import SPECS, Launch, kernel_source
+from mmt_mlx.fgs.runtime.kernels import SPECS, Launch, kernel_source
 
 HERE = Path(__file__).resolve().parent
 _CTYPES = {"float32": "float", "int32": "int32_t", "uint8": "uint8_t"}

@@ -203,7 +203,7 @@ def fit_gaussian(
 def gaussian_amp(code: GaussianCode) -> np.ndarray:
     """The (rows, K) amplitude matrix, decoding the L2 meta-code if there is one."""
     if isinstance(code.amp, MetaCode):
-        from mmt_mlx.fgs.meta import decode_meta
+        from mmt_mlx.fgs.encoders.meta import decode_meta
 
         return decode_meta(code.amp)
     return np.asarray(code.amp, dtype=np.float32)
@@ -234,7 +234,7 @@ def decode_gaussian(code: GaussianCode) -> np.ndarray:
 def gaussian_nbytes(code: GaussianCode) -> int:
     """Stored bytes: amp (or its meta-code) + mu + sidx + perm (the grid is a few floats of metadata)."""
     if isinstance(code.amp, MetaCode):
-        from mmt_mlx.fgs.meta import meta_nbytes
+        from mmt_mlx.fgs.encoders.meta import meta_nbytes
 
         n = meta_nbytes(code.amp)
     else:

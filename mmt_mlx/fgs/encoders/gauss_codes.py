@@ -15,32 +15,19 @@ Pure numpy: knows nothing of models.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import cache, lru_cache
 
 import numpy as np
 
-from mmt_mlx.fgs.quant import pack_bits, unpack_bits
-from mmt_mlx.fgs.rotation import rotate_covariance, rotate_weight, unrotate
+from mmt_mlx.fgs.codes import RotQCode
+from mmt_mlx.fgs.encoders.quant import pack_bits, unpack_bits
+from mmt_mlx.fgs.encoders.rotation import rotate_covariance, rotate_weight, unrotate
 
 CODE_BITS = (2, 3, 4, 5)
 CODE_GROUPS = (32, 64, 128)
 SCALE_STEPS = np.linspace(0.85, 1.2, 6)  # multiples of the group's RMS tried as its scale
 _ROW_BLOCK = 2048  # rows per pass of the rounding: bounds temporaries and stays cache-friendly
 _COL_BLOCK = 128  # columns per lazy-update block of GPTQ
-
-
-@dataclass
-class RotQCode:
-    rows: int
-    cols: int
-    bits: int
-    group_size: int
-    seed: int
-    codebook: np.ndarray  # (2**bits,) float32, sorted
-    wq: np.ndarray  # (rows, cols * bits / 32) uint32 packed code indices
-    scales: np.ndarray  # (rows, cols // group_size) float16
-    kind: str = "rotq"
 
 
 @cache

@@ -13,8 +13,8 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 
-from mmt_mlx.fgs.gauss_codes import RotQCode
-from mmt_mlx.fgs.rotation import rotation_params
+from mmt_mlx.fgs.codes import RotQCode
+from mmt_mlx.fgs.encoders.rotation import rotation_params
 
 _TILE_ELEMS = 1 << 20  # decoded weights held at once per product
 

@@ -15,58 +15,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from mmt_mlx.fgs import quant as Q
-from mmt_mlx.fgs.circulant import circulant_nbytes, decode_circulant, fit_circulant
-from mmt_mlx.fgs.codes import CirculantCode, GaussianCode, Level, QuantCode, TensorCode
-from mmt_mlx.fgs.gauss_codes import RotQCode, decode_rotq, rotq_code_nbytes
-from mmt_mlx.fgs.gaussian import (
+from mmt_mlx.fgs.codec import code_nbytes, decode_level
+from mmt_mlx.fgs.codes import Level, TensorCode
+from mmt_mlx.fgs.encoders import quant as Q
+from mmt_mlx.fgs.encoders.circulant import decode_circulant, fit_circulant
+from mmt_mlx.fgs.encoders.gaussian import (
     column_order,
-    decode_gaussian,
     fit_gaussian,
     gaussian_amp,
-    gaussian_nbytes,
     pursuit_gain,
 )
-from mmt_mlx.fgs.meta import encode_meta
+from mmt_mlx.fgs.encoders.meta import encode_meta
 
 KINDS = frozenset({"quant", "gaussian", "circulant", "meta"})
 _MARGIN = 0.9  # a sampled estimate must land this far under tau before the full check
-
-
-def code_nbytes(level: Level) -> int:
-    """Stored bytes of one level: the sum of every array it holds."""
-    if isinstance(level, QuantCode):
-        return int(level.wq.nbytes + level.scales.nbytes + level.biases.nbytes)
-    if isinstance(level, GaussianCode):
-        return gaussian_nbytes(level)
-    if isinstance(level, CirculantCode):
-        return circulant_nbytes(level)
-    if isinstance(level, RotQCode):
-        return rotq_code_nbytes(level)
-    raise TypeError(type(level))
-
-
-def tensor_nbytes(tc: TensorCode) -> int:
-    return sum(code_nbytes(lv) for lv in tc.levels)
-
-
-def decode_level(level: Level) -> np.ndarray:
-    if isinstance(level, QuantCode):
-        return Q.dequantize(level)
-    if isinstance(level, GaussianCode):
-        return decode_gaussian(level)
-    if isinstance(level, CirculantCode):
-        return decode_circulant(level)
-    if isinstance(level, RotQCode):
-        return decode_rotq(level)
-    raise TypeError(type(level))
-
-
-def decode_tensor(tc: TensorCode) -> np.ndarray:
-    out = np.zeros(tc.shape, dtype=np.float32)
-    for lv in tc.levels:
-        out += decode_level(lv)
-    return out
 
 
 def _wsq(d: np.ndarray, w: np.ndarray | None) -> float:

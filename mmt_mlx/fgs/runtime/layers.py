@@ -4,7 +4,7 @@
 (decoding only the rows asked for) and doubles as a tied LM head through ``as_linear``.
 
 Backend: chosen once per module at construction (``kernels.use_kernels()``): the Metal or CUDA kernels of
-``mmt_mlx/fgs/kernels.py`` where MLX has such a GPU backend, the MLX reference ops of ``ops.py`` otherwise;
+``mmt_mlx/fgs/runtime/kernels.py`` where MLX has such a GPU backend, the MLX reference ops of ``ops.py`` otherwise;
 ``MMT_FGS_BACKEND=reference|kernel`` forces one. The arrays are laid out for the chosen path.
 """
 
@@ -14,12 +14,11 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 
-from mmt_mlx.fgs import kernels as K
-from mmt_mlx.fgs import ops
-from mmt_mlx.fgs.codes import CirculantCode, GaussianCode, Level, QuantCode, TensorCode
-from mmt_mlx.fgs.gauss_codes import RotQCode
-from mmt_mlx.fgs.gaussian import gaussian_amp
-from mmt_mlx.fgs.rotq_layer import RotQLevel
+from mmt_mlx.fgs.codes import CirculantCode, GaussianCode, Level, QuantCode, RotQCode, TensorCode
+from mmt_mlx.fgs.encoders.gaussian import gaussian_amp
+from mmt_mlx.fgs.runtime import kernels as K
+from mmt_mlx.fgs.runtime import ops
+from mmt_mlx.fgs.runtime.rotq_layer import RotQLevel
 
 _ROW_TEMP_ELEMS = 1 << 21  # bound on (ids, K, cols) temporaries when decoding embedding rows
 
