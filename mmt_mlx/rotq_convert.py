@@ -144,7 +144,8 @@ def encode_bpw(
 
     # 1. calibration
     lm = model_from_source(src, source_name or "source")
-    chunks = calibration_chunks(lm.tokenizer, calib_tokens)
+    ctx = min(512, int(src.config.get("max_position_embeddings", 512)))
+    chunks = calibration_chunks(lm.tokenizer, calib_tokens, ctx)
     keys, covs = input_covariances(lm.model, chunks)
     n_layers = 1 + max((int(k.split(".")[k.split(".").index("layers") + 1]) for k in matrices if "layers" in k.split(".")), default=0)  # fmt: skip
     buckets: dict[str, list[str]] = {}
@@ -158,7 +159,7 @@ def encode_bpw(
         rtn_err[n] = output_error(w, c, h)
         coarse[n] = c
     t_cov = time.perf_counter() - t0
-    kl = bucket_kl(lm.model, matrices, coarse, buckets, chunks[0][:256])
+    kl = bucket_kl(lm.model, matrices, coarse, buckets, chunks[0][: min(256, ctx)])
     del coarse, lm
     t_cal = time.perf_counter() - t0
 

@@ -66,7 +66,7 @@ def test_layout_checks():
         check_layout(128, 7, 64)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 5])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6])
 def test_encode_round_trip_and_bytes(bits):
     rng = np.random.default_rng(bits)
     w = rng.standard_normal((40, 128)).astype(np.float32)
@@ -154,3 +154,28 @@ def test_allocate_spends_budget_where_it_buys_most():
     got = allocate(items, floor + 2 * step + 64)
     assert got == {"cheap": 2, "costly": 4}
     assert sum(rotq_nbytes(64, 128, b, 64) for b in got.values()) <= floor + 2 * step + 64
+
+
+def test_convert_bpw_end_to_end(tiny_gguf, tmp_path):
+    from mmt_mlx.build import load_fgs
+    from mmt_mlx.convert import convert_bpw
+    from mmt_mlx.fgs.codec import decode_tensor
+    from mmt_mlx.locate import load_source
+
+    _, src = load_source(tiny_gguf["llama"][0])
+    out = tmp_path / "rot"
+    report = convert_bpw(src, out, 3.5, progress=False, calib_tokens=512)
+    assert report["bits_per_weight"] <= 3.5
+    assert report["bits_per_weight"] > 3.0  # the budget is spent, not left over
+    _, codes, _ = fgs_format.load_fgs_model(out)
+    assert all(tc.levels[0].kind == "rotq" for tc in codes.values())
+    c = report["classes"]["self_attn.v_proj"]
+    assert set(c) >= {"levels", "bytes", "mean_output_error", "predicted_kl"}
+    # the error the report states is the error of the stored code
+    name = "model.layers.0.mlp.down_proj.weight" if "model.layers.0.mlp.down_proj.weight" in codes else None
+    name = name or next(k for k in codes if "down_proj" in k)
+    w_hat = decode_tensor(codes[name])
+    assert np.isfinite(w_hat).all() and w_hat.shape == src.weights[name].shape
+    lm = load_fgs(out, "rot")
+    logits = lm.model(mx.array([[1, 2, 3, 4]]), lm.model.make_cache())
+    assert logits.shape[-1] == 49152 and bool(mx.all(mx.isfinite(logits)))

@@ -23,7 +23,7 @@ from mmt_mlx.fgs.codes import RotQCode
 from mmt_mlx.fgs.encoders.quant import pack_bits, unpack_bits
 from mmt_mlx.fgs.encoders.rotation import rotate_covariance, rotate_weight, unrotate
 
-CODE_BITS = (2, 3, 4, 5)
+CODE_BITS = (2, 3, 4, 5, 6)
 CODE_GROUPS = (32, 64, 128)
 SCALE_STEPS = np.linspace(0.85, 1.2, 6)  # multiples of the group's RMS tried as its scale
 _ROW_BLOCK = 2048  # rows per pass of the rounding: bounds temporaries and stays cache-friendly
