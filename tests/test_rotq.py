@@ -179,3 +179,20 @@ def test_convert_bpw_end_to_end(tiny_gguf, tmp_path):
     lm = load_fgs(out, "rot")
     logits = lm.model(mx.array([[1, 2, 3, 4]]), lm.model.make_cache())
     assert logits.shape[-1] == 49152 and bool(mx.all(mx.isfinite(logits)))
+
+
+def test_cli_bpw_and_its_errors(tiny_gguf, tmp_path, capsys):
+    import json
+
+    from mmt_mlx.cli import main
+
+    path = tiny_gguf["llama"][0]
+    assert main(["convert", path, "-o", str(tmp_path / "a"), "--bpw", "0.5", "--no-eval"]) == 1
+    assert "--bpw must be" in capsys.readouterr().err
+    assert main(["convert", path, "-o", str(tmp_path / "b"), "--bpw", "3", "--tau", "0.01"]) == 1
+    assert "one of --tau, --preset, --bpw" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    out = tmp_path / "c"
+    assert main(["convert", path, "-o", str(out), "--preset", "rot3", "--no-eval", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["preset"] == "rot3" and report["bits_per_weight"] <= 3.25
