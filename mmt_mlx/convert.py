@@ -229,6 +229,8 @@ def format_report(r: dict) -> str:
     for name, c in sorted(r["classes"].items()):
         levels = ",".join(f"{k}x{v}" for k, v in sorted(c["levels"].items()))
         r2 = " ".join(f"{k}={v:.3f}" for k, v in c["r2"].items())
+        if "predicted_kl" in c:  # rotq: what the class's bytes bought, in the planner's own currency
+            r2 += f" output error {c['mean_output_error']:.4f}, predicted KL {c['predicted_kl']:.4f}"
         lines.append(
             f"{name:<28} {c['tensors']:>3} {levels:<34} {c['bytes'] / 1e6:>8.2f} {c['bits_per_weight']:>7.2f}  {r2}"
         )
