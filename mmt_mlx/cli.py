@@ -102,10 +102,13 @@ def cmd_convert(a: argparse.Namespace) -> int:
     from mmt_mlx.convert import PRESETS, convert, format_report, heldout_perplexity
     from mmt_mlx.fgs.encoders.planner import KINDS
     from mmt_mlx.locate import load_source
+    from mmt_mlx.rotq_convert import BPW_PRESETS
 
-    if a.tau is not None and a.preset is not None:
-        raise MmtError("give --tau or --preset, not both")
-    if a.preset is not None and a.preset not in PRESETS:
+    if a.preset in BPW_PRESETS:
+        a.bpw, a.preset_bpw = BPW_PRESETS[a.preset], a.preset
+    if sum(x is not None for x in (a.tau, a.preset if a.bpw is None else None, a.bpw)) > 1:
+        raise MmtError("give one of --tau, --preset, --bpw")
+    if a.preset is not None and a.preset not in PRESETS and a.bpw is None:
         raise MmtError(f"unknown preset {a.preset!r}: choose one of {', '.join(PRESETS)}")
     allowed = frozenset(x.strip() for x in a.levels.split(",")) if a.levels else KINDS
     if not allowed <= KINDS or "quant" not in allowed:
@@ -116,9 +119,15 @@ def cmd_convert(a: argparse.Namespace) -> int:
     if out.exists() and not a.force:
         raise MmtError(f"{out} already exists (use --force to replace an FGS model there)")
     name, src = load_source(a.source)
-    report = convert(src, out, tau=a.tau, preset=a.preset, calibrate=not a.no_calibrate, allowed=allowed,
-                     overwrite=a.force, progress=not a.json, source_name=name,
-                     grid_search=True if a.grid_search else None)  # fmt: skip
+    if a.bpw is not None:
+        from mmt_mlx.convert import convert_bpw
+
+        report = convert_bpw(src, out, a.bpw, overwrite=a.force, progress=not a.json, source_name=name,
+                             preset=getattr(a, "preset_bpw", None))  # fmt: skip
+    else:
+        report = convert(src, out, tau=a.tau, preset=a.preset, calibrate=not a.no_calibrate, allowed=allowed,
+                         overwrite=a.force, progress=not a.json, source_name=name,
+                         grid_search=True if a.grid_search else None)  # fmt: skip
     if not a.no_eval:  # a ratio is never reported without the perplexity measured at it
         report["heldout_ppl_source"] = heldout_perplexity(model_from_source(src, name))
         report["heldout_ppl"] = heldout_perplexity(load_fgs(out, out.name))
@@ -181,7 +190,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("source", help=MODEL_HELP)
     c.add_argument("-o", "--output", required=True, help="output directory")
     c.add_argument("--tau", type=float, default=None, help="relative error target per tensor")
-    c.add_argument("--preset", default=None, help="near-lossless, high, default, small, smallest, tiny")
+    c.add_argument(
+        "--preset",
+        default=None,
+        help="near-lossless, high, default, small, smallest, tiny; rot4, rot3, rot2.5 (rotated Gaussian codes "
+        "at 4.0, 3.25, 2.5 bits per weight)",
+    )
+    c.add_argument(
+        "--bpw",
+        type=float,
+        default=None,
+        help="bits per stored weight (every byte counted): rotated Gaussian codes, bits spent by sensitivity",
+    )
     c.add_argument(
         "--levels", default=None, help="allowed levels, e.g. quant,gaussian,circulant,meta (default all)"
     )

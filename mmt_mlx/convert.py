@@ -166,6 +166,31 @@ def convert(
     return report
 
 
+def convert_bpw(
+    src: SourceModel,
+    out: str | os.PathLike,
+    bpw: float,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    source_name: str = "",
+    preset: str | None = None,
+    **options,
+) -> dict:
+    """Rotated Gaussian codes at <= ``bpw`` bits per stored weight (``rotq_convert``); write; return the report."""
+    from mmt_mlx.rotq_convert import encode_bpw
+
+    codes, raw, report = encode_bpw(
+        src, bpw, progress=progress, source_name=source_name, preset=preset, **options
+    )
+    tok, tok_files = _tokenizer_record(src)
+    save_fgs_model(
+        out, arch=src.arch, config=src.config, codes=codes, raw=raw, tokenizer=tok, tokenizer_files=tok_files,
+        report=report, overwrite=overwrite,
+    )  # fmt: skip
+    return report
+
+
 def build_report(src, codes, raw, tau, preset, seconds, calib_seconds, source_name) -> dict:
     classes: dict[str, dict] = {}
     for name, tc in codes.items():
@@ -204,12 +229,13 @@ def format_report(r: dict) -> str:
     for name, c in sorted(r["classes"].items()):
         levels = ",".join(f"{k}x{v}" for k, v in sorted(c["levels"].items()))
         r2 = " ".join(f"{k}={v:.3f}" for k, v in c["r2"].items())
+        if "predicted_kl" in c:  # rotq: what the class's bytes bought, in the planner's own currency
+            r2 += f" output error {c['mean_output_error']:.4f}, predicted KL {c['predicted_kl']:.4f}"
         lines.append(
             f"{name:<28} {c['tensors']:>3} {levels:<34} {c['bytes'] / 1e6:>8.2f} {c['bits_per_weight']:>7.2f}  {r2}"
         )
-    size = (
-        f"stored {r['stored_bytes'] / 1e6:.2f} MB ({r['bits_per_weight']:.2f} bits/weight), tau {r['tau']:g}"
-    )
+    target = f"tau {r['tau']:g}" if r.get("tau") is not None else f"target {r.get('bpw_target')} bits/weight"
+    size = f"stored {r['stored_bytes'] / 1e6:.2f} MB ({r['bits_per_weight']:.2f} bits/weight), {target}"
     if "heldout_ppl" in r:  # ratios only beside the perplexity measured at them
         size += (
             f" | {r['ratio_to_fp16']:.2f}x smaller than fp16, {r['ratio_to_source']:.2f}x vs the source file's "

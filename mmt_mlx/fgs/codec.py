@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from mmt_mlx.fgs.codes import CirculantCode, GaussianCode, Level, QuantCode, TensorCode
+from mmt_mlx.fgs.codes import CirculantCode, GaussianCode, Level, QuantCode, RotQCode, TensorCode
 from mmt_mlx.fgs.encoders.circulant import circulant_nbytes, decode_circulant
+from mmt_mlx.fgs.encoders.gauss_codes import decode_rotq, rotq_code_nbytes
 from mmt_mlx.fgs.encoders.gaussian import decode_gaussian, gaussian_nbytes
 from mmt_mlx.fgs.encoders.quant import dequantize
 
@@ -19,6 +20,8 @@ def code_nbytes(level: Level) -> int:
         return gaussian_nbytes(level)
     if isinstance(level, CirculantCode):
         return circulant_nbytes(level)
+    if isinstance(level, RotQCode):
+        return rotq_code_nbytes(level)
     raise TypeError(type(level))
 
 
@@ -33,6 +36,8 @@ def decode_level(level: Level) -> np.ndarray:
         return decode_gaussian(level)
     if isinstance(level, CirculantCode):
         return decode_circulant(level)
+    if isinstance(level, RotQCode):
+        return decode_rotq(level)
     raise TypeError(type(level))
 
 

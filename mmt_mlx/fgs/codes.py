@@ -30,6 +30,10 @@ CirculantCode (FFT circular-convolution level)
 QuantCode (overflow level, MLX affine layout so mx.quantized_matmul can run it)
     w[i, j] = scales[i, j // g] * q[i, j] + biases[i, j // g], q in [0, 2**bits - 1]
     wq is packed exactly as ``mx.quantize(w, group_size=g, bits=bits)`` packs it (uint32).
+
+RotQCode (Gaussian codes in an FFT-rotated basis; ``encoders/gauss_codes.py``, ``encoders/rotation.py``)
+    Wr[i, j] = codebook[q[i, j]] * scales[i, j // g], W = Wr R with R the seeded orthogonal FFT rotation
+    R x = irfft(rfft(signs * x) * phase); product: y = Wr (R x). q packed as a little-endian bit stream.
 """
 
 from __future__ import annotations
@@ -81,7 +85,20 @@ class QuantCode:
     kind: str = "quant"
 
 
-Level = GaussianCode | CirculantCode | QuantCode
+@dataclass
+class RotQCode:
+    rows: int
+    cols: int
+    bits: int
+    group_size: int
+    seed: int
+    codebook: np.ndarray  # (2**bits,) float32, sorted
+    wq: np.ndarray  # (rows, cols * bits / 32) uint32 packed code indices
+    scales: np.ndarray  # (rows, cols // group_size) float16
+    kind: str = "rotq"
+
+
+Level = GaussianCode | CirculantCode | QuantCode | RotQCode
 
 
 @dataclass

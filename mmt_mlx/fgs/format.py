@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from mmt_mlx.errors import ModelFormatError
-from mmt_mlx.fgs.codes import CirculantCode, GaussianCode, Level, MetaCode, QuantCode, TensorCode
+from mmt_mlx.fgs.codes import CirculantCode, GaussianCode, Level, MetaCode, QuantCode, RotQCode, TensorCode
 
 FORMAT = "mmt-fgs"
 FORMAT_VERSION = 1
@@ -36,11 +36,13 @@ _FIELDS = {
     "gaussian": ("mu", "sidx", "perm"),
     "circulant": ("spec_re", "spec_im"),
     "quant": ("wq", "scales", "biases"),
+    "rotq": ("codebook", "wq", "scales"),
 }
 _PARAMS = {
     "gaussian": ("rows", "cols", "sigma_grid"),
     "circulant": ("rows", "cols", "block"),
     "quant": ("rows", "cols", "bits", "group_size"),
+    "rotq": ("rows", "cols", "bits", "group_size", "seed"),
 }
 
 
@@ -143,6 +145,8 @@ def _level(arrays, e: dict, where: str) -> Level:
     params = {p: e[p] for p in _PARAMS[kind]}
     if kind == "quant":
         return QuantCode(**params, wq=got["wq"], scales=got["scales"], biases=got["biases"])
+    if kind == "rotq":
+        return RotQCode(**params, codebook=got["codebook"], wq=got["wq"], scales=got["scales"])
     if kind == "circulant":
         return CirculantCode(**params, spec_re=got["spec_re"], spec_im=got["spec_im"])
     if "amp_meta" in e:

@@ -15,10 +15,11 @@ import numpy as np
 from mlx import nn
 
 from mmt_mlx import native
-from mmt_mlx.fgs.codes import CirculantCode, GaussianCode, Level, QuantCode, TensorCode
+from mmt_mlx.fgs.codes import CirculantCode, GaussianCode, Level, QuantCode, RotQCode, TensorCode
 from mmt_mlx.fgs.encoders.gaussian import gaussian_amp
 from mmt_mlx.fgs.runtime import kernels as K
 from mmt_mlx.fgs.runtime import ops
+from mmt_mlx.fgs.runtime.rotq_layer import RotQLevel
 
 _ROW_TEMP_ELEMS = 1 << 21  # bound on (ids, K, cols) temporaries when decoding embedding rows
 
@@ -139,6 +140,8 @@ def make_level(level: Level, use_kernel: bool) -> nn.Module:
         return CirculantLevel(level, use_kernel)
     if isinstance(level, QuantCode):
         return QuantLevel(level, use_kernel)
+    if isinstance(level, RotQCode):
+        return RotQLevel(level, use_kernel)
     raise TypeError(f"unknown FGS level {type(level).__name__}")
 
 

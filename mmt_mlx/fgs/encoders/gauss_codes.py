@@ -1,0 +1,222 @@
+"""Gaussian-matched scalar codes in an FFT-rotated basis ("rotq" level), with Hessian-aware rounding.
+
+RotQCode stores, for a (rows, cols) weight W and the rotation R of ``rotation.py`` (seed):
+    Wr = W R^T  (what the codes hold),  Wr[i, j] = codebook[q[i, j]] * scales[i, j // g]
+    W = Wr R, so  y = W x = Wr (R x): the runtime rotates its input once and multiplies by the codes.
+``codebook`` holds the 2**bits Lloyd-Max levels of N(0, 1) (stored with the code, so a file never depends on
+how this module computes them); q is packed as a little-endian bit stream (``quant.pack_bits``), scales are f16.
+Stored bits per weight: bits + 16 / g (+ the codebook, a few bytes per tensor).
+
+Rounding: GPTQ/LDLQ error feedback in the rotated basis with the rotated input covariance R H R^T (damped),
+each group's scale chosen at the group's start by a small search under diag(H) weights. Rows are independent
+given H, so any subset of rows gives an unbiased estimate of the error (the planner screens on a sample).
+Pure numpy: knows nothing of models.
+"""
+
+from __future__ import annotations
+
+from functools import cache, lru_cache
+
+import numpy as np
+
+from mmt_mlx.fgs.codes import RotQCode
+from mmt_mlx.fgs.encoders.quant import pack_bits, unpack_bits
+from mmt_mlx.fgs.encoders.rotation import rotate_covariance, rotate_weight, unrotate
+
+CODE_BITS = (2, 3, 4, 5, 6)
+CODE_GROUPS = (32, 64, 128)
+SCALE_STEPS = np.linspace(0.85, 1.2, 6)  # multiples of the group's RMS tried as its scale
+_ROW_BLOCK = 2048  # rows per pass of the rounding: bounds temporaries and stays cache-friendly
+_COL_BLOCK = 128  # columns per lazy-update block of GPTQ
+
+
+@cache
+def lloyd_max(bits: int) -> np.ndarray:
+    """The 2**bits Lloyd-Max (MSE-optimal scalar) levels of a standard normal, sorted, float32."""
+    if bits < 1 or bits > 8:
+        raise ValueError("codebook bits must be in 1..8")
+    x = np.linspace(-8.0, 8.0, 64_001)
+    p = np.exp(-0.5 * x * x)
+    n = 1 << bits
+    c = np.linspace(-2.5, 2.5, n) if n > 2 else np.array([-0.8, 0.8])
+    for _ in range(400):  # centroid condition <-> nearest-neighbour condition
+        idx = np.searchsorted((c[1:] + c[:-1]) / 2, x)
+        mass = np.bincount(idx, weights=p, minlength=n)
+        c_new = np.bincount(idx, weights=p * x, minlength=n) / mass
+        if np.max(np.abs(c_new - c)) < 1e-10:
+            c = c_new
+            break
+        c = c_new
+    c = (c - c[::-1]) / 2  # exact symmetry
+    return c.astype(np.float32)
+
+
+def rotq_nbytes(rows: int, cols: int, bits: int, group_size: int) -> int:
+    """Stored bytes of a RotQCode: packed indices + f16 scales + the codebook (f32)."""
+    return rows * (cols * bits // 32) * 4 + rows * (cols // group_size) * 2 + (1 << bits) * 4
+
+
+def rotq_code_nbytes(code: RotQCode) -> int:
+    return int(code.wq.nbytes + code.scales.nbytes + code.codebook.nbytes)
+
+
+def check_layout(cols: int, bits: int, group_size: int) -> None:
+    if bits not in CODE_BITS:
+        raise ValueError(f"bits must be one of {CODE_BITS}")
+    if cols % group_size or (cols * bits) % 32 or cols % 8:
+        raise ValueError(f"cols={cols} does not fit {bits}-bit codes in groups of {group_size}")
+
+
+_LUT_STEP = 1.0 / 512  # nearest level through a table on a fine uniform grid: ~10x faster than a search
+
+
+@lru_cache(maxsize=16)
+def _lut(mids_key: tuple[float, ...]) -> tuple[np.ndarray, float]:
+    mids = np.asarray(mids_key, np.float32)
+    span = float(max(4.0, 1.5 * np.max(np.abs(mids)) + 1.0))
+    grid = np.arange(-span, span + _LUT_STEP / 2, _LUT_STEP, dtype=np.float32)
+    return np.searchsorted(mids, grid).astype(np.uint8), span
+
+
+def _nearest(v: np.ndarray, mids: np.ndarray) -> np.ndarray:
+    """Index of the nearest codebook level (``mids`` = midpoints between sorted levels)."""
+    table, span = _lut(tuple(float(m) for m in mids))
+    i = np.rint((np.clip(v, -span, span) + span) * (1.0 / _LUT_STEP)).astype(np.int32)
+    return table[i]
+
+
+def _group_scales(wg: np.ndarray, weight: np.ndarray, cb: np.ndarray, mids: np.ndarray) -> np.ndarray:
+    """wg (rows, g), weight (g,): per-row f16 scale (as f32) of least weighted error over SCALE_STEPS x RMS."""
+    rms = np.sqrt(np.mean(wg * wg, axis=1))
+    rms = np.where(rms > 0, rms, 1.0)
+    best_e = best_s = None
+    for m in SCALE_STEPS:
+        s = (rms * m).astype(np.float16).astype(np.float32)
+        s = np.where(s > 0, s, np.float32(1e-7))
+        q = cb[_nearest(wg / s[:, None], mids)]
+        d = wg - q * s[:, None]
+        e = (d * d) @ weight
+        if best_e is None:
+            best_e, best_s = e, s
+        else:
+            better = e < best_e
+            best_e, best_s = np.where(better, e, best_e), np.where(better, s, best_s)
+    return best_s
+
+
+def _inverse_factor(h: np.ndarray, damp: float) -> np.ndarray:
+    """Upper Cholesky factor U of (H + damp * mean(diag H) I)^-1 (U^T U = H^-1), float32."""
+    h = np.array(h, dtype=np.float64)
+    d = np.diag(h)
+    dead = d <= 0
+    h[dead, dead] = 1.0
+    mean = max(float(np.mean(np.diag(h))), 1e-12)
+    h[np.diag_indices_from(h)] += damp * mean
+    for extra in (0.0, 1e-2, 1e-1):  # more damping only if the factorization fails
+        try:
+            hh = h + extra * mean * np.eye(len(h))
+            return np.linalg.cholesky(np.linalg.inv(hh)).T.astype(np.float32)
+        except np.linalg.LinAlgError:
+            continue
+    raise ValueError("input covariance is not positive definite even after damping")
+
+
+def round_gptq(
+    wr: np.ndarray, u: np.ndarray | None, hdiag: np.ndarray, bits: int, g: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Codes (rows, cols) uint8 and scales (rows, cols // g) f32 of rotated weights ``wr``.
+
+    With ``u`` (the upper factor of H^-1) each column's rounding error is fed back into the columns not yet
+    rounded (GPTQ's lazy block update); without it the rounding is plain nearest-level."""
+    cb = lloyd_max(bits)
+    mids = (cb[1:] + cb[:-1]) / 2
+    rows, cols = wr.shape
+    q_all = np.empty((rows, cols), np.uint8)
+    s_all = np.empty((rows, cols // g), np.float32)
+    hdiag = np.asarray(hdiag, np.float32)
+    for a in range(0, rows, _ROW_BLOCK):
+        w = np.array(wr[a : a + _ROW_BLOCK], dtype=np.float32)
+        n = w.shape[0]
+        if u is None:
+            for k in range(cols // g):
+                sl = slice(k * g, (k + 1) * g)
+                s = _group_scales(w[:, sl], hdiag[sl], cb, mids)
+                s_all[a : a + n, k] = s
+                q_all[a : a + n, sl] = _nearest(w[:, sl] / s[:, None], mids)
+            continue
+        s = None
+        for i1 in range(0, cols, _COL_BLOCK):
+            i2 = min(i1 + _COL_BLOCK, cols)
+            err = np.empty((n, i2 - i1), np.float32)
+            for j in range(i1, i2):
+                if j % g == 0:
+                    s = _group_scales(w[:, j : j + g], hdiag[j : j + g], cb, mids)
+                    s_all[a : a + n, j // g] = s
+                x = w[:, j]
+                qi = _nearest(x / s, mids)
+                q_all[a : a + n, j] = qi
+                e = (x - cb[qi] * s) / u[j, j]
+                if j + 1 < i2:
+                    w[:, j + 1 : i2] -= np.outer(e, u[j, j + 1 : i2])
+                err[:, j - i1] = e
+            if i2 < cols:
+                w[:, i2:] -= err @ u[i1:i2, i2:]
+    return q_all, s_all
+
+
+def encode_rotq(
+    w: np.ndarray,
+    bits: int,
+    group_size: int,
+    seed: int,
+    h: np.ndarray | None = None,
+    *,
+    damp: float = 0.01,
+    rotated_h: bool = False,
+    factor: np.ndarray | None = None,
+) -> RotQCode:
+    """Encode W (rows, cols) with input covariance H (cols, cols) (None: plain rounding, no error feedback).
+
+    ``rotated_h``: H is already R H R^T; ``factor``: a precomputed ``inverse_factor`` of the rotated H
+    (layers that share an input share it)."""
+    w = np.asarray(w, dtype=np.float32)
+    rows, cols = w.shape
+    check_layout(cols, bits, group_size)
+    wr = rotate_weight(w, seed)
+    hr = None
+    if h is not None:
+        hr = np.asarray(h, np.float64) if rotated_h else rotate_covariance(np.asarray(h, np.float64), seed)
+    u = factor if factor is not None else (None if hr is None else inverse_factor(hr, damp))
+    hdiag = np.ones(cols, np.float32) if hr is None else np.diag(hr).astype(np.float32)
+    q, s = round_gptq(wr, u, hdiag, bits, group_size)
+    return RotQCode(rows, cols, bits, group_size, int(seed), lloyd_max(bits).copy(), pack_bits(q, bits),
+                    s.astype(np.float16))  # fmt: skip
+
+
+def inverse_factor(hr: np.ndarray, damp: float = 0.01) -> np.ndarray:
+    """The GPTQ factor of a rotated covariance (see ``encode_rotq``'s ``factor``)."""
+    return _inverse_factor(hr, damp)
+
+
+def decode_rotated(code: RotQCode, rows: slice | None = None) -> np.ndarray:
+    """Wr (or a row slice of it), float32: codebook[q] * scale."""
+    sl = rows if rows is not None else slice(0, code.rows)
+    q = unpack_bits(code.wq[sl], code.bits, code.cols)
+    n, g = q.shape[0], code.group_size
+    v = np.asarray(code.codebook, np.float32)[q].reshape(n, code.cols // g, g)
+    v *= code.scales[sl].astype(np.float32)[:, :, None]
+    return v.reshape(n, code.cols)
+
+
+def decode_rotq(code: RotQCode, rows: slice | None = None) -> np.ndarray:
+    """W (or a row slice of it), float32: Wr R, i.e. every row un-rotated."""
+    return unrotate(decode_rotated(code, rows), code.seed)
+
+
+def output_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray | None) -> float:
+    """Relative output error tr(D H D^T) / tr(W H W^T), D = W - W_hat (plain Frobenius when H is None)."""
+    d = np.asarray(w, np.float64) - np.asarray(w_hat, np.float64)
+    w = np.asarray(w, np.float64)
+    if h is None:
+        return float((d * d).sum() / max((w * w).sum(), 1e-300))
+    return float(((d @ h) * d).sum() / max(((w @ h) * w).sum(), 1e-300))

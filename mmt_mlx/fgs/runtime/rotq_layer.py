@@ -1,0 +1,101 @@
+"""MLX reference path of the "rotq" level: y = Wr (R x), Wr decoded from Gaussian codes tile by tile.
+
+R is the seeded FFT rotation of ``rotation.py`` (one rfft/irfft pair per input); consecutive levels that
+receive the same input array with the same seed (q/k/v, gate/up) reuse one rotated copy. The codes are
+decoded in bounded row tiles (never the whole dense matrix): MLX's own ``dequantize`` with unit scales and
+zero biases unpacks the bit stream (its 2..8-bit packing is the stream ``quant.pack_bits`` writes), then the
+codebook lookup and the per-group scales give the tile. Embedding rows are decoded, then un-rotated.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+from mlx import nn
+
+from mmt_mlx.fgs.codes import RotQCode
+from mmt_mlx.fgs.encoders.rotation import rotation_params
+
+_TILE_ELEMS = 1 << 20  # decoded weights held at once per product
+
+
+class _RotationMemo:
+    """The last rotated input: levels fed the same array object with the same seed share one FFT pair."""
+
+    def __init__(self) -> None:
+        self.x: mx.array | None = None
+        self.seed = -1
+        self.xr: mx.array | None = None
+
+    def get(self, x: mx.array, seed: int) -> mx.array | None:
+        return self.xr if (self.x is x and self.seed == seed) else None
+
+    def put(self, x: mx.array, seed: int, xr: mx.array) -> None:
+        self.x, self.seed, self.xr = x, seed, xr
+
+
+_MEMO = _RotationMemo()
+
+
+class Rotation:
+    """R and R^T of width n along the last axis, in MLX (f32)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        signs, phase = rotation_params(n, seed)
+        self.n, self.seed = n, seed
+        self.signs = mx.array(np.asarray(signs, np.float32))
+        self.phase = mx.array(np.asarray(phase, np.complex64))
+        self.phase_conj = mx.array(np.conj(phase).astype(np.complex64))
+
+    def forward(self, x: mx.array) -> mx.array:
+        hit = _MEMO.get(x, self.seed)
+        if hit is not None:
+            return hit
+        f = mx.fft.rfft(x.astype(mx.float32) * self.signs, axis=-1)
+        xr = mx.fft.irfft(f * self.phase, n=self.n, axis=-1)
+        _MEMO.put(x, self.seed, xr)
+        return xr
+
+    def inverse(self, y: mx.array) -> mx.array:
+        f = mx.fft.rfft(y.astype(mx.float32), axis=-1)
+        return mx.fft.irfft(f * self.phase_conj, n=self.n, axis=-1) * self.signs
+
+
+class RotQLevel(nn.Module):
+    def __init__(self, code: RotQCode, use_kernel: bool = False):
+        super().__init__()
+        self.rows, self.cols = code.rows, code.cols
+        self.bits, self.group_size = code.bits, code.group_size
+        self.use_kernel = use_kernel  # no GPU kernel yet: the reference path runs everywhere
+        self.rotation = Rotation(code.cols, code.seed)
+        self.codebook = mx.array(np.asarray(code.codebook, np.float32))
+        self.wq = mx.array(np.asarray(code.wq, np.uint32))
+        self.scales = mx.array(np.asarray(code.scales).astype(np.float32))  # f32: faster on CPU
+        ng = code.cols // code.group_size
+        self._unit = mx.ones((1, ng), mx.float32)
+        self._zero = mx.zeros((1, ng), mx.float32)
+        self.tile = max(1, min(self.rows, _TILE_ELEMS // max(1, self.cols)))
+
+    def _decode(self, wq: mx.array, scales: mx.array) -> mx.array:
+        """Rotated weight rows (n, cols) f32 of packed codes (n, words) and their scales (n, groups)."""
+        n = wq.shape[0]
+        ones = mx.broadcast_to(self._unit, (n, self._unit.shape[1]))
+        zeros = mx.broadcast_to(self._zero, (n, self._zero.shape[1]))
+        q = mx.dequantize(wq, ones, zeros, group_size=self.group_size, bits=self.bits)
+        v = mx.take(self.codebook, q.astype(mx.uint32))
+        g = self.group_size
+        return (v.reshape(n, -1, g) * scales[:, :, None]).reshape(n, self.cols)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        xr = self.rotation.forward(x)
+        outs = []
+        for a in range(0, self.rows, self.tile):
+            b = min(self.rows, a + self.tile)
+            w = self._decode(self.wq[a:b], self.scales[a:b])
+            outs.append(xr @ w.T)
+        return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-1)
+
+    def decode_rows(self, ids: mx.array) -> mx.array:
+        """Rows ``ids`` of W (n, cols) f32: decoded in the rotated basis, then un-rotated."""
+        wr = self._decode(mx.take(self.wq, ids, axis=0), mx.take(self.scales, ids, axis=0))
+        return self.rotation.inverse(wr)

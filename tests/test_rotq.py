@@ -1,0 +1,198 @@
+"""The rotq level: FFT rotation, Gaussian codebooks, GPTQ rounding, the MLX product, the file, --bpw planning."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mmt_mlx.fgs import format as fgs_format
+from mmt_mlx.fgs.codes import TensorCode
+from mmt_mlx.fgs.encoders.gauss_codes import (
+    check_layout,
+    decode_rotated,
+    decode_rotq,
+    encode_rotq,
+    lloyd_max,
+    output_error,
+    rotq_code_nbytes,
+    rotq_nbytes,
+)
+from mmt_mlx.fgs.encoders.quant import unpack_bits
+from mmt_mlx.fgs.encoders.rotation import rotate, rotate_covariance, rotation_params, unrotate
+from mmt_mlx.fgs.runtime.layers import FGSEmbedding, FGSLinear
+from mmt_mlx.rotq_convert import allocate, gaussian_distortion
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 64, 576, 577, 640])
+def test_rotation_is_orthogonal_and_real(n):
+    r = rotate(np.eye(n), 11)  # row i = R e_i, i.e. R^T
+    assert r.dtype == np.float64
+    np.testing.assert_allclose(r @ r.T, np.eye(n), atol=1e-5)
+    x = np.random.default_rng(0).standard_normal((3, n))
+    np.testing.assert_allclose(unrotate(rotate(x, 11), 11), x, atol=1e-5)
+    signs, phase = rotation_params(n, 11)
+    np.testing.assert_allclose(np.abs(phase), 1, atol=1e-6)
+    assert phase[0].imag == 0 and (n % 2 or phase[-1].imag == 0)
+
+
+def test_rotation_depends_on_seed_and_spreads_outliers():
+    x = np.zeros(576)
+    x[3] = 1.0
+    a, b = rotate(x, 1), rotate(x, 2)
+    assert not np.allclose(a, b)
+    assert np.abs(a).max() < 0.3  # a spike becomes a spread-out vector of the same norm
+    np.testing.assert_allclose(np.linalg.norm(a), 1, atol=1e-6)
+
+
+def test_rotated_covariance_matches_rotated_inputs():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((200, 64)) * np.linspace(0.1, 3, 64)
+    h = x.T @ x
+    xr = rotate(x, 5)
+    np.testing.assert_allclose(rotate_covariance(h, 5), xr.T @ xr, rtol=1e-6, atol=1e-6)
+
+
+def test_lloyd_max_levels():
+    np.testing.assert_allclose(lloyd_max(2)[2:], [0.4528, 1.5104], atol=2e-3)
+    np.testing.assert_allclose(lloyd_max(3)[4:], [0.2451, 0.7560, 1.3440, 2.1520], atol=2e-3)
+    d = [gaussian_distortion(b) for b in (2, 3, 4, 5)]
+    np.testing.assert_allclose(d[:2], [0.1175, 0.03454], rtol=0.03)
+    assert all(a > 3 * b for a, b in zip(d, d[1:]))
+
+
+def test_layout_checks():
+    with pytest.raises(ValueError):
+        check_layout(100, 3, 64)
+    with pytest.raises(ValueError):
+        check_layout(128, 7, 64)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6])
+def test_encode_round_trip_and_bytes(bits):
+    rng = np.random.default_rng(bits)
+    w = rng.standard_normal((40, 128)).astype(np.float32)
+    code = encode_rotq(w, bits, 64, seed=3)
+    q = unpack_bits(code.wq, bits, 128)
+    assert q.max() < 2**bits
+    assert rotq_code_nbytes(code) == rotq_nbytes(40, 128, bits, 64)
+    wr = decode_rotated(code)
+    cb = lloyd_max(bits)
+    np.testing.assert_allclose(wr[:, :64], cb[q[:, :64]] * code.scales[:, :1].astype(np.float32), rtol=1e-6)
+    # un-rotating the decode reproduces W up to the codebook's distortion of a Gaussian
+    err = output_error(w, decode_rotq(code), None)
+    assert err < 1.6 * gaussian_distortion(bits)
+
+
+def test_gptq_beats_plain_rounding_on_correlated_inputs():
+    rng = np.random.default_rng(0)
+    mix = rng.standard_normal((128, 128)) * 0.3 + np.eye(128)
+    x = rng.standard_normal((2000, 128)) @ mix * np.exp(rng.standard_normal(128))
+    h = x.T @ x / len(x)
+    w = rng.standard_normal((64, 128)).astype(np.float32)
+    w[:, 7] *= 15  # an outlier column: the rotation spreads it
+    plain = output_error(w, decode_rotq(encode_rotq(w, 3, 64, 1)), h)
+    gptq = output_error(w, decode_rotq(encode_rotq(w, 3, 64, 1, h)), h)
+    assert gptq < 0.7 * plain
+
+
+def _code(rows=96, cols=128, bits=3, seed=9):
+    w = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
+    return w, encode_rotq(w, bits, 64, seed)
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_mlx_product_matches_numpy_decode(tokens, monkeypatch):
+    from mmt_mlx.fgs.runtime import rotq_layer
+
+    monkeypatch.setattr(rotq_layer, "_TILE_ELEMS", 128 * 40)  # several tiles, the last one partial
+    _, code = _code()
+    dense = decode_rotq(code)
+    lin = FGSLinear(TensorCode((96, 128), [code]), use_kernel=False)
+    x = np.random.default_rng(1).standard_normal((1, tokens, 128)).astype(np.float32)
+    y = np.asarray(lin(mx.array(x)))
+    np.testing.assert_allclose(y, x @ dense.T, rtol=1e-4, atol=1e-4)
+
+
+def test_shared_input_reuses_one_rotation():
+    _, c1 = _code(seed=4)
+    _, c2 = _code(seed=4)
+    a, b = FGSLinear(TensorCode((96, 128), [c1])), FGSLinear(TensorCode((96, 128), [c2]))
+    x = mx.array(np.random.default_rng(2).standard_normal((1, 3, 128)).astype(np.float32))
+    ya, yb = a(x), b(x)
+    np.testing.assert_allclose(np.asarray(yb), np.asarray(x) @ decode_rotq(c2).T, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(ya), np.asarray(x) @ decode_rotq(c1).T, rtol=1e-4, atol=1e-4)
+
+
+def test_embedding_rows_and_tied_head():
+    _, code = _code(rows=200, cols=64 * 2, bits=4)
+    dense = decode_rotq(code)
+    emb = FGSEmbedding(TensorCode((200, 128), [code]))
+    ids = mx.array([[0, 199, 17, 17]])
+    np.testing.assert_allclose(np.asarray(emb(ids))[0], dense[[0, 199, 17, 17]], rtol=1e-4, atol=1e-5)
+    h = np.random.default_rng(3).standard_normal((2, 128)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(emb.as_linear(mx.array(h))), h @ dense.T, rtol=1e-4, atol=1e-4)
+
+
+def test_file_round_trip(tmp_path):
+    _, code = _code(bits=5)
+    out = fgs_format.save_fgs_model(
+        tmp_path / "m", arch="llama", config={}, codes={"w": TensorCode((96, 128), [code], [0.01])}, raw={},
+        tokenizer={}, tokenizer_files={}, report={},
+    )  # fmt: skip
+    _, codes, _ = fgs_format.load_fgs_model(out)
+    got = codes["w"].levels[0]
+    assert (got.kind, got.bits, got.seed, got.group_size) == ("rotq", 5, code.seed, 64)
+    np.testing.assert_array_equal(decode_rotq(got), decode_rotq(code))
+
+
+def test_allocate_spends_budget_where_it_buys_most():
+    items = {
+        "cheap": {"rows": 64, "cols": 128, "cost": {2: 1.0, 3: 0.3, 4: 0.08, 5: 0.02}},
+        "costly": {"rows": 64, "cols": 128, "cost": {2: 10.0, 3: 3.0, 4: 0.8, 5: 0.2}},
+    }
+    floor = 2 * rotq_nbytes(64, 128, 2, 64)
+    step = rotq_nbytes(64, 128, 3, 64) - rotq_nbytes(64, 128, 2, 64)
+    got = allocate(items, floor + 2 * step + 64)
+    assert got == {"cheap": 2, "costly": 4}
+    assert sum(rotq_nbytes(64, 128, b, 64) for b in got.values()) <= floor + 2 * step + 64
+
+
+def test_convert_bpw_end_to_end(tiny_gguf, tmp_path):
+    from mmt_mlx.build import load_fgs
+    from mmt_mlx.convert import convert_bpw
+    from mmt_mlx.fgs.codec import decode_tensor
+    from mmt_mlx.locate import load_source
+
+    _, src = load_source(tiny_gguf["llama"][0])
+    out = tmp_path / "rot"
+    report = convert_bpw(src, out, 3.5, progress=False, calib_tokens=512)
+    assert report["bits_per_weight"] <= 3.5
+    assert report["bits_per_weight"] > 3.0  # the budget is spent, not left over
+    _, codes, _ = fgs_format.load_fgs_model(out)
+    assert all(tc.levels[0].kind == "rotq" for tc in codes.values())
+    c = report["classes"]["self_attn.v_proj"]
+    assert set(c) >= {"levels", "bytes", "mean_output_error", "predicted_kl"}
+    # the error the report states is the error of the stored code
+    name = "model.layers.0.mlp.down_proj.weight" if "model.layers.0.mlp.down_proj.weight" in codes else None
+    name = name or next(k for k in codes if "down_proj" in k)
+    w_hat = decode_tensor(codes[name])
+    assert np.isfinite(w_hat).all() and w_hat.shape == src.weights[name].shape
+    lm = load_fgs(out, "rot")
+    logits = lm.model(mx.array([[1, 2, 3, 4]]), lm.model.make_cache())
+    assert logits.shape[-1] == 49152 and bool(mx.all(mx.isfinite(logits)))
+
+
+def test_cli_bpw_and_its_errors(tiny_gguf, tmp_path, capsys):
+    import json
+
+    from mmt_mlx.cli import main
+
+    path = tiny_gguf["llama"][0]
+    assert main(["convert", path, "-o", str(tmp_path / "a"), "--bpw", "0.5", "--no-eval"]) == 1
+    assert "--bpw must be" in capsys.readouterr().err
+    assert main(["convert", path, "-o", str(tmp_path / "b"), "--bpw", "3", "--tau", "0.01"]) == 1
+    assert "one of --tau, --preset, --bpw" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    out = tmp_path / "c"
+    assert main(["convert", path, "-o", str(out), "--preset", "rot3", "--no-eval", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["preset"] == "rot3" and report["bits_per_weight"] <= 3.25
