@@ -158,11 +158,7 @@ def convert(
         codes[name] = plan_tensor(w, tau, weights_by_col.get(name), allowed, **options)
     report = build_report(src, codes, raw, tau, preset, time.perf_counter() - t0, t_cal, source_name)
     report["grid_search"] = bool(options.get("grid_search", False))
-    tok, tok_files = _tokenizer_record(src)
-    save_fgs_model(
-        out, arch=src.arch, config=src.config, codes=codes, raw=raw, tokenizer=tok, tokenizer_files=tok_files,
-        report=report, overwrite=overwrite,
-    )  # fmt: skip
+    _write(src, out, codes, raw, report, overwrite)
     return report
 
 
@@ -183,12 +179,16 @@ def convert_bpw(
     codes, raw, report = encode_bpw(
         src, bpw, progress=progress, source_name=source_name, preset=preset, **options
     )
+    _write(src, out, codes, raw, report, overwrite)
+    return report
+
+
+def _write(src: SourceModel, out, codes: dict, raw: dict, report: dict, overwrite: bool) -> None:
     tok, tok_files = _tokenizer_record(src)
     save_fgs_model(
         out, arch=src.arch, config=src.config, codes=codes, raw=raw, tokenizer=tok, tokenizer_files=tok_files,
         report=report, overwrite=overwrite,
     )  # fmt: skip
-    return report
 
 
 def build_report(src, codes, raw, tau, preset, seconds, calib_seconds, source_name) -> dict:

@@ -91,46 +91,42 @@ class Metrics:
             reqs = sorted(self.requests.items())
             metric("mmt_requests_total", "counter", "HTTP requests by endpoint and status code.",
                    [(f'{{endpoint="{_esc(e)}",status="{s}"}}', n) for (e, s), n in reqs])  # fmt: skip
-            metric(
-                "mmt_prompt_tokens_total", "counter", "Prompt tokens processed.", [("", self.prompt_tokens)]
-            )
-            metric("mmt_generation_tokens_total", "counter", "Tokens generated.",
-                   [("", self.generation_tokens)])  # fmt: skip
-            metric("mmt_generations_total", "counter", "Generations run by the worker.",
-                   [("", self.generations)])  # fmt: skip
-            metric("mmt_generations_cancelled_total", "counter", "Generations stopped by a client disconnect.",
-                   [("", self.cancelled)])  # fmt: skip
-            metric("mmt_prompt_tokens_per_second", "gauge", "Prompt processing speed (last request, and "
-                   "token-weighted average over all requests).",
-                   [('{stat="last"}', float(self.last_prompt_tps)),
-                    ('{stat="avg"}', float(self.avg_prompt_tps()))])  # fmt: skip
-            metric("mmt_generation_tokens_per_second", "gauge", "Decode speed (last request, and token-weighted "
-                   "average over all requests).",
-                   [('{stat="last"}', float(self.last_generation_tps)),
-                    ('{stat="avg"}', float(self.avg_generation_tps()))])  # fmt: skip
+            counters = [
+                ("mmt_prompt_tokens_total", "Prompt tokens processed.", self.prompt_tokens),
+                ("mmt_generation_tokens_total", "Tokens generated.", self.generation_tokens),
+                ("mmt_generations_total", "Generations run by the worker.", self.generations),
+                ("mmt_generations_cancelled_total", "Generations stopped by a client disconnect.", self.cancelled),
+                ("mmt_prompt_tokens_cached_total", "Prompt tokens reused from the prompt cache (not recomputed).",
+                 self.cached_prompt_tokens),
+            ]  # fmt: skip
+            for name, help_, value in counters:
+                metric(name, "counter", help_, [("", value)])
+            speeds = [
+                ("mmt_prompt_tokens_per_second", "Prompt processing speed", self.last_prompt_tps,
+                 self.avg_prompt_tps()),
+                ("mmt_generation_tokens_per_second", "Decode speed", self.last_generation_tps,
+                 self.avg_generation_tps()),
+            ]  # fmt: skip
+            for name, what, last, avg in speeds:
+                metric(name, "gauge", f"{what} (last request, and token-weighted average over all requests).",
+                       [('{stat="last"}', float(last)), ('{stat="avg"}', float(avg))])  # fmt: skip
             ttft = sorted(self.ttft_recent)
-            metric("mmt_prompt_tokens_cached_total", "counter", "Prompt tokens reused from the prompt cache "
-                   "(not recomputed).", [("", self.cached_prompt_tokens)])  # fmt: skip
             metric("mmt_time_to_first_token_seconds", "summary", "Seconds from a request's submission to its "
                    f"first token (quantiles over the last {TTFT_WINDOW} requests).",
                    [(f'{{quantile="{q}"}}', float(ttft[min(len(ttft) - 1, int(q * len(ttft)))]))
                     for q in (0.5, 0.9, 0.99) if ttft]
                    + [("_sum", float(self.ttft_sum)), ("_count", self.ttft_count)])  # fmt: skip
-        metric("mmt_queue_depth", "gauge", "Requests waiting for the generation worker.",
-               [("", gauges.queue_depth)])  # fmt: skip
-        metric("mmt_queue_capacity", "gauge", "Maximum number of waiting requests (more get 429).",
-               [("", gauges.max_queue)])  # fmt: skip
-        metric("mmt_requests_running", "gauge", "Requests being generated right now (the running batch).",
-               [("", gauges.running)])  # fmt: skip
-        metric(
-            "mmt_batch_capacity", "gauge", "Requests generated together at most.", [("", gauges.max_batch)]
-        )
-        metric("mmt_prompt_cache_bytes", "gauge", "KV-cache bytes held by the prompt cache.",
-               [("", gauges.prompt_cache_bytes)])  # fmt: skip
-        metric("mmt_prompt_cache_entries", "gauge", "Finished requests held by the prompt cache.",
-               [("", gauges.prompt_cache_entries)])  # fmt: skip
-        metric("mmt_process_peak_rss_bytes", "gauge", "Peak resident memory of the server process.",
-               [("", peak_rss_bytes())])  # fmt: skip
+        engine_gauges = [
+            ("mmt_queue_depth", "Requests waiting for the generation worker.", gauges.queue_depth),
+            ("mmt_queue_capacity", "Maximum number of waiting requests (more get 429).", gauges.max_queue),
+            ("mmt_requests_running", "Requests being generated right now (the running batch).", gauges.running),
+            ("mmt_batch_capacity", "Requests generated together at most.", gauges.max_batch),
+            ("mmt_prompt_cache_bytes", "KV-cache bytes held by the prompt cache.", gauges.prompt_cache_bytes),
+            ("mmt_prompt_cache_entries", "Finished requests held by the prompt cache.", gauges.prompt_cache_entries),
+            ("mmt_process_peak_rss_bytes", "Peak resident memory of the server process.", peak_rss_bytes()),
+        ]  # fmt: skip
+        for name, help_, value in engine_gauges:
+            metric(name, "gauge", help_, [("", value)])
         label = f'{{model="{_esc(model)}"}}' if model else ""
         metric("mmt_model_loaded", "gauge", "1 once the model is loaded and the server is ready.",
                [(label, int(loaded))])  # fmt: skip
