@@ -12,17 +12,29 @@ from mmt_mlx.fgs.encoders.gaussian import decode_gaussian, gaussian_nbytes
 from mmt_mlx.fgs.encoders.quant import dequantize
 
 
+def _quant_nbytes(level: QuantCode) -> int:
+    return int(level.wq.nbytes + level.scales.nbytes + level.biases.nbytes)
+
+
+# level type -> (stored bytes, dense decode): the one table every level kind is registered in
+_LEVEL_OPS = {
+    QuantCode: (_quant_nbytes, dequantize),
+    GaussianCode: (gaussian_nbytes, decode_gaussian),
+    CirculantCode: (circulant_nbytes, decode_circulant),
+    RotQCode: (rotq_code_nbytes, decode_rotq),
+}
+
+
+def _ops(level: Level):
+    ops = _LEVEL_OPS.get(type(level))
+    if ops is None:
+        raise TypeError(type(level))
+    return ops
+
+
 def code_nbytes(level: Level) -> int:
     """Stored bytes of one level: the sum of every array it holds."""
-    if isinstance(level, QuantCode):
-        return int(level.wq.nbytes + level.scales.nbytes + level.biases.nbytes)
-    if isinstance(level, GaussianCode):
-        return gaussian_nbytes(level)
-    if isinstance(level, CirculantCode):
-        return circulant_nbytes(level)
-    if isinstance(level, RotQCode):
-        return rotq_code_nbytes(level)
-    raise TypeError(type(level))
+    return int(_ops(level)[0](level))
 
 
 def tensor_nbytes(tc: TensorCode) -> int:
@@ -30,15 +42,7 @@ def tensor_nbytes(tc: TensorCode) -> int:
 
 
 def decode_level(level: Level) -> np.ndarray:
-    if isinstance(level, QuantCode):
-        return dequantize(level)
-    if isinstance(level, GaussianCode):
-        return decode_gaussian(level)
-    if isinstance(level, CirculantCode):
-        return decode_circulant(level)
-    if isinstance(level, RotQCode):
-        return decode_rotq(level)
-    raise TypeError(type(level))
+    return _ops(level)[1](level)
 
 
 def decode_tensor(tc: TensorCode) -> np.ndarray:
