@@ -62,6 +62,7 @@ class _Stream:
     reused: int  # prompt tokens taken from the prompt cache
     constraint: GrammarConstraint | None  # structured output: the grammar's own per-request state
     last: int | None = None  # a token to feed in the next batched step
+    ahead: tuple[mx.array, mx.array | None] | None = None  # (token, log-probs) sampled, not yet read
     generated: list[int] = field(default_factory=list)
     t_start: float = 0.0  # first prefill work (or the first step, for a full cache hit)
     prompt_time: float = 0.0
@@ -172,28 +173,64 @@ class BatchGenerator:
         return []
 
     def _decode(self, batch: list[_Stream]) -> list[StepEvent]:
-        tokens = mx.array([[s.last] for s in batch])
-        cache = [BatchCache([s.cache[i] for s in batch]) for i in range(len(batch[0].cache))]
-        try:
-            logits = self.lm.model(tokens, cache)[:, -1].astype(mx.float32)
-        except Exception as exc:  # noqa: BLE001 - a forward that fails fails every stream in it
-            for s in batch:
-                del self._streams[s.uid]
-            return [StepEvent(s.uid, error=exc) for s in batch]
-        picks: list[tuple[_Stream, mx.array, mx.array | None]] = []
-        events: list[StepEvent] = []
-        for i, s in enumerate(batch):
-            try:
-                picks.append((s, *self._sample(s, logits[i])))
-            except Exception as exc:  # noqa: BLE001 - e.g. a logits processor that raised: this stream only
-                del self._streams[s.uid]
-                events.append(StepEvent(s.uid, error=exc))
-        mx.eval([a for _, t, lp in picks for a in (t, lp) if a is not None])
-        for s, token, logp in picks:
+        """Read one token per stream. As mlx-lm's generate_step, the next step's forward is queued on the
+        lazy tokens (``mx.async_eval``) before the host reads them, so graph building overlaps computation;
+        a batch with a stream whose next logits need the host token (grammar, processors, penalties)
+        steps synchronously."""
+        fresh = [s for s in batch if s.ahead is None]  # newcomers, or after a synchronous step
+        events = self._forward(fresh, [mx.array(s.last, mx.int32) for s in fresh])
+        batch = [s for s in batch if s.ahead is not None]
+        current = {s.uid: s.ahead for s in batch}
+        look = [s for s in batch if len(s.generated) + 1 < s.request.max_tokens]
+        if not all(self._host_free(s) for s in batch):
+            look = []
+        for s in batch:
+            s.ahead = None
+        if look:
+            events += self._forward(look, [current[s.uid][0] for s in look])
+            mx.async_eval([a for s in look if s.ahead is not None for a in s.ahead if a is not None])
+        batch = [s for s in batch if s.uid in self._streams]  # a failed forward took its streams
+        mx.eval([a for s in batch for a in current[s.uid] if a is not None])
+        for s in batch:
+            token, logp = current[s.uid]
             try:
                 events.append(self._advance(s, int(token.item()), logp))
             except Exception as exc:  # noqa: BLE001 - e.g. a grammar that refused the token: this stream only
                 self._streams.pop(s.uid, None)
+                events.append(StepEvent(s.uid, error=exc))
+        return events
+
+    @staticmethod
+    def _host_free(s: _Stream) -> bool:
+        """Whether the stream's next logits can be processed before the host has read its current token."""
+        p = s.request.sampling
+        return (
+            s.constraint is None
+            and not s.request.logits_processors
+            and p.repetition_penalty == 1.0
+            and not p.presence_penalty
+            and not p.frequency_penalty
+        )
+
+    def _forward(self, batch: list[_Stream], inputs: list[mx.array]) -> list[StepEvent]:
+        """One batched forward on the streams' next tokens (lazy or not); the lazily sampled token (and
+        log-probs) go to ``s.ahead``. Errors take the streams concerned out."""
+        if not batch:
+            return []
+        tokens = mx.stack(inputs)
+        cache = [BatchCache([s.cache[i] for s in batch]) for i in range(len(batch[0].cache))]
+        try:
+            logits = self.lm.model(tokens[:, None], cache)[:, -1].astype(mx.float32)
+        except Exception as exc:  # noqa: BLE001 - a forward that fails fails every stream in it
+            for s in batch:
+                del self._streams[s.uid]
+            return [StepEvent(s.uid, error=exc) for s in batch]
+        events: list[StepEvent] = []
+        for i, s in enumerate(batch):
+            try:
+                s.ahead = self._sample(s, logits[i])
+            except Exception as exc:  # noqa: BLE001 - e.g. a logits processor that raised: this stream only
+                del self._streams[s.uid]
                 events.append(StepEvent(s.uid, error=exc))
         return events
 

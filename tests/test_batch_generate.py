@@ -107,6 +107,34 @@ def test_fgs_batch_equals_alone(fgs_lm):
         assert [c.token for c in got[i]] == [c.token for c in _alone(fgs_lm, r)]
 
 
+@pytest.mark.parametrize("seeded", [False, True])
+def test_pipelined_decode_equals_synchronous(lm, seeded):
+    """Host-free requests run ahead (the next token queued before the host reads this one); a logits
+    processor forces the synchronous step. Both give the same tokens, text and log-probs."""
+    for r in _requests(lm, seeded):
+        gen = BatchGenerator(lm, max_batch=1)
+        uid = gen.add(r)
+        piped = []
+        while len(gen):
+            piped += [ev.chunk for ev in gen.step()]
+            if len(gen) and piped:
+                assert gen._streams[uid].ahead is not None  # the next step is already queued
+        sync_req = make_request(
+            lm, r.prompt, max_tokens=r.max_tokens, sampling=r.sampling, logprobs=r.logprobs,
+            logits_processors=(lambda tokens, logits: logits,),
+        )  # fmt: skip
+        gen = BatchGenerator(lm, max_batch=1)
+        uid = gen.add(sync_req)
+        sync = []
+        while len(gen):
+            sync += [ev.chunk for ev in gen.step()]
+            assert uid not in gen._streams or gen._streams[uid].ahead is None
+        assert [c.token for c in piped] == [c.token for c in sync]
+        assert "".join(c.text for c in piped) == "".join(c.text for c in sync)
+        assert [c.logprob for c in piped] == [c.logprob for c in sync]
+        assert piped[-1].finish_reason == sync[-1].finish_reason
+
+
 def test_failing_request_does_not_disturb_others(lm):
     def boom(tokens, logits):
         if len(tokens) > 14:

@@ -13,7 +13,7 @@ from mmt_mlx.bench.accounting import gguf_weight_bytes, weight_bytes
 from mmt_mlx.bench.llamacpp import time_llamacpp
 from mmt_mlx.bench.stats import APPLE_CHIPS, bench_stats
 from mmt_mlx.bench.timing import time_mlx
-from mmt_mlx.build import load_fgs, model_from_source
+from mmt_mlx.build import LoadedModel, load_fgs, model_from_source
 from mmt_mlx.errors import MmtError
 from mmt_mlx.evals.text import free_memory
 from mmt_mlx.fgs.format import is_fgs_dir, load_fgs_model, read_manifest
@@ -51,40 +51,39 @@ def run_bench(
     name, fgs_path = fgs_model_path(model_arg, src=src, progress=progress)
     variants: list[dict] = []
 
-    def run_mlx(key: str, label: str, loader: Callable[[], tuple[nn.Module, dict | None, int]]) -> None:
+    def run_mlx(key: str, label: str, loader: Callable[[], tuple[LoadedModel, dict | None, int]]) -> None:
         log(f"[bench] {label}: loading")
-        model, codes, vocab = loader()
+        lm, codes, vocab = loader()
+        model = lm.model
         ctx_len = getattr(getattr(model, "args", None), "max_position_embeddings", 1 << 30)
         if prompt_tokens + gen_tokens > ctx_len:
             raise MmtError(f"-p + -g ({prompt_tokens + gen_tokens}) exceeds the model's context of {ctx_len}")
         log(f"[bench] {label}: pp{prompt_tokens} / tg{gen_tokens} x {reps}")
-        pp_t, tg_t, peak = time_mlx(model, vocab, prompt_tokens, gen_tokens, reps)
+        pp_t, tg_t, peak = time_mlx(lm, vocab, prompt_tokens, gen_tokens, reps)
         w = weight_bytes(model, codes, attention_ctx=gen_tokens // 2)
         kernels = count_kernels(model)
         v = {"key": key, "label": label, "peak_memory": peak,
              **bench_stats(pp_t, tg_t, prompt_tokens, gen_tokens, kernels_per_token=kernels, **w)}  # fmt: skip
         variants.append(v)
         log(f"[bench] {label}: pp {v['pp']['tok_s']:.1f} tok/s, tg {v['tg']['tok_s']:.2f} tok/s")
-        del model, codes
+        del lm, model, codes
         free_memory()
 
     def fgs_loader():
         lm = load_fgs(fgs_path, name)
-        return lm.model, load_fgs_model(fgs_path)[1], lm.model.args.vocab_size
+        return lm, load_fgs_model(fgs_path)[1], lm.model.args.vocab_size
 
     preset = read_manifest(fgs_path).get("report", {}).get("preset") or "?"
     run_mlx("fgs", f"FGS {preset}", fgs_loader)
     if src is not None:
-        run_mlx(
-            "dense", "dense f32", lambda: (model_from_source(src, name).model, None, src.config["vocab_size"])
-        )
+        run_mlx("dense", "dense f32", lambda: (model_from_source(src, name), None, src.config["vocab_size"]))
         for bits in (8, 4):
 
             def quant_loader(bits: int = bits):
-                model = model_from_source(src, name).model
-                nn.quantize(model, group_size=64, bits=bits)
-                mx.eval(model.parameters())
-                return model, None, src.config["vocab_size"]
+                lm = model_from_source(src, name)
+                nn.quantize(lm.model, group_size=64, bits=bits)
+                mx.eval(lm.model.parameters())
+                return lm, None, src.config["vocab_size"]
 
             run_mlx(f"mlx-q{bits}", f"MLX q{bits} g64", quant_loader)
         gguf_path = resolve_path(src_arg)[1]

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
+from mmt_mlx.batch_generate import BatchGenerator
 from mmt_mlx.generate import prefill
+from mmt_mlx.request import make_request
+from mmt_mlx.sample import SamplingParams
+
+if TYPE_CHECKING:
+    from mmt_mlx.build import LoadedModel
 
 
 def bench_tokens(vocab: int, n: int, seed: int = 0) -> list[int]:
@@ -17,10 +23,14 @@ def bench_tokens(vocab: int, n: int, seed: int = 0) -> list[int]:
     return rng.integers(min(1000, vocab // 2), vocab, size=n).tolist()
 
 
-def time_mlx(model: nn.Module, vocab: int, p: int, g: int, reps: int) -> tuple[list[float], list[float], int]:
+def time_mlx(lm: LoadedModel, vocab: int, p: int, g: int, reps: int) -> tuple[list[float], list[float], int]:
     """(pp seconds per rep, tg seconds per rep, peak MLX bytes). pp runs the runtime's prefill (chunked, the
-    head only at the last position); tg decodes g tokens greedily one at a time from an empty cache."""
+    head only at the last position); tg decodes g tokens greedily through the runtime's own generator (a batch
+    of one, as ``stream_generate``), from the cache of a one-token prompt."""
+    model = lm.model
     prompt = bench_tokens(vocab, p)
+    # EOS is masked so that every rep decodes all g tokens (random prompts may otherwise end early)
+    no_eos = SamplingParams(logit_bias={i: -1e30 for i in lm.tokenizer.eos_ids})
 
     def pp(tokens: list[int]) -> float:
         cache = model.make_cache()
@@ -29,22 +39,17 @@ def time_mlx(model: nn.Module, vocab: int, p: int, g: int, reps: int) -> tuple[l
         return time.perf_counter() - t0
 
     def tg(n: int) -> float:
-        # As generate.stream_generate decodes: the next step is queued on the lazy token (mx.async_eval)
-        # before the host reads the current one, so graph building overlaps computation.
-        cache = model.make_cache()
-
-        def step(tok: mx.array) -> mx.array:
-            return mx.argmax(model(tok, cache)[0, -1]).astype(mx.int32).reshape(1, 1)
-
+        gen = BatchGenerator(lm, max_batch=1)
         t0 = time.perf_counter()
-        nxt = step(mx.array([[prompt[0]]], dtype=mx.int32))
-        mx.async_eval(nxt)
-        for i in range(n):
-            cur = nxt
-            if i + 1 < n:
-                nxt = step(cur)
-                mx.async_eval(nxt)
-            int(cur.item())
+        gen.add(make_request(lm, prompt[:1], max_tokens=n, sampling=no_eos))
+        done = 0
+        while len(gen):
+            for event in gen.step():
+                if event.error is not None:
+                    raise event.error
+                done += 1
+        if done != n:
+            raise RuntimeError(f"the generator stopped after {done} of {n} tokens")
         return time.perf_counter() - t0
 
     pp(
