@@ -23,6 +23,7 @@ from mmt_mlx.fgs.codec import code_nbytes
 from mmt_mlx.fgs.codes import TensorCode
 from mmt_mlx.fgs.encoders.planner import KINDS, plan_tensor
 from mmt_mlx.fgs.format import save_fgs_model
+from mmt_mlx.recorder import InputRecorder
 from mmt_mlx.sources import SourceModel
 
 # tau = relative (activation-weighted) squared error per tensor. Measured perplexities are in the README.
@@ -46,12 +47,11 @@ def calibration_text() -> str:
     return resources.files("mmt_mlx").joinpath("data/calibration.txt").read_text(encoding="utf-8")
 
 
-class _Recorder(nn.Module):
-    """Wraps a Linear/Embedding and accumulates the mean square of its inputs per column."""
+class _Recorder(InputRecorder):
+    """Accumulates the mean square of a layer's inputs per column."""
 
     def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
+        super().__init__(inner)
         self.sq: mx.array | None = None
         self.n = 0
 
@@ -60,16 +60,6 @@ class _Recorder(nn.Module):
         s = mx.sum(flat * flat, axis=0)
         self.sq = s if self.sq is None else self.sq + s
         self.n += flat.shape[0]
-
-    def __call__(self, x: mx.array) -> mx.array:
-        if isinstance(self.inner, nn.Embedding):
-            return self.inner(x)
-        self._record(x)
-        return self.inner(x)
-
-    def as_linear(self, x: mx.array) -> mx.array:
-        self._record(x)
-        return self.inner.as_linear(x)
 
 
 def column_weights(model: nn.Module, tokens: list[int], chunk: int = 512) -> dict[str, np.ndarray]:

@@ -22,6 +22,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_unflatten
 
+from mmt_mlx.recorder import InputRecorder
+
 CHUNK = 512
 CALIBRATION_FILES = ("data/calibration_mix.txt", "data/calibration.txt")
 
@@ -38,12 +40,12 @@ def calibration_chunks(tokenizer, n_tokens: int, chunk: int = CHUNK) -> list[lis
     return [[bos] + ids[s : s + chunk - 1] for s in starts]
 
 
-class _CovRecorder(nn.Module):
-    """Wraps a Linear (or the tied embedding's head) and adds X^T X of its inputs to a shared pool."""
+class _CovRecorder(InputRecorder):
+    """Adds X^T X of a layer's inputs to a shared pool."""
 
     def __init__(self, inner: nn.Module, name: str, pool: dict) -> None:
-        super().__init__()
-        self.inner, self.name, self.pool = inner, name, pool
+        super().__init__(inner)
+        self.name, self.pool = name, pool
 
     def _record(self, x: mx.array) -> None:
         last = self.pool["_last"]
@@ -58,16 +60,6 @@ class _CovRecorder(nn.Module):
         self.pool["n"][self.name] = self.pool["n"].get(self.name, 0) + f.shape[0]
         self.pool["key"][self.name] = self.name
         self.pool["_last"] = (x, self.name)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        if isinstance(self.inner, nn.Embedding):
-            return self.inner(x)
-        self._record(x)
-        return self.inner(x)
-
-    def as_linear(self, x: mx.array) -> mx.array:
-        self._record(x)
-        return self.inner.as_linear(x)
 
 
 def input_covariances(model: nn.Module, chunks: Iterable[list[int]]) -> tuple[dict, dict]:
