@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cmath>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -23,6 +24,7 @@ namespace {
 
 constexpr int kRowBlock = 4;     // rows dequantized together in the many-token kernel
 constexpr int kTokenBlock = 64;  // tokens per pass over a row block (keeps x's slice in L2)
+constexpr int kMaxIntTokens = 8;  // up to this many tokens share one pass over the packed weights
 
 int g_threads = 0;
 
@@ -54,7 +56,7 @@ float dot_row_scalar(const AffineWeights& w, const uint8_t* row, int r, const fl
       uint64_t v = load8(row, j, w.bits);
       for (int k = 0; k < 8; ++k) d += float((v >> (k * w.bits)) & mask) * x[j + k];
     }
-    acc += w.scales[size_t(r) * ng + g] * d + w.biases[size_t(r) * ng + g] * xsum[g];
+    acc += w.scale(size_t(r) * ng + g) * d + w.bias(size_t(r) * ng + g) * xsum[g];
   }
   return acc;
 }
@@ -63,7 +65,7 @@ void dequant_row_scalar(const AffineWeights& w, const uint8_t* row, int r, float
   const int ng = w.cols / w.group;
   const uint64_t mask = (1u << w.bits) - 1;
   for (int g = 0; g < ng; ++g) {
-    const float s = w.scales[size_t(r) * ng + g], b = w.biases[size_t(r) * ng + g];
+    const float s = w.scale(size_t(r) * ng + g), b = w.bias(size_t(r) * ng + g);
     for (int j = g * w.group; j < (g + 1) * w.group; j += 8) {
       uint64_t v = load8(row, j, w.bits);
       for (int k = 0; k < 8; ++k) out[j + k] = s * float((v >> (k * w.bits)) & mask) + b;
@@ -78,8 +80,17 @@ float dot_scalar(const float* a, const float* b, int n) {
 }
 
 #ifdef MMT_X86
-// ---------------------------------------------------------------- AVX2 + FMA
-__attribute__((target("avx2,fma"))) inline __m256 unpack8(const uint8_t* row, int j, int bits) {
+// ---------------------------------------------------------------- AVX2 + FMA (+ F16C for f16 scales)
+__attribute__((target("avx2,fma,f16c"))) inline float read_x86(const void* p, bool half, size_t k) {
+  return half ? _cvtsh_ss(static_cast<const uint16_t*>(p)[k]) : static_cast<const float*>(p)[k];
+}
+__attribute__((target("avx2,fma,f16c"))) inline float scale_x86(const AffineWeights& w, size_t k) {
+  return read_x86(w.scales, w.half, k);
+}
+__attribute__((target("avx2,fma,f16c"))) inline float bias_x86(const AffineWeights& w, size_t k) {
+  return read_x86(w.biases, w.half, k);
+}
+__attribute__((target("avx2,fma,f16c"))) inline __m256 unpack8(const uint8_t* row, int j, int bits) {
   // lanes 0-3 take values 0-3 from the low 32 bits, lanes 4-7 values 4-7 from the bits after them
   uint64_t v;
   if (bits == 8) {
@@ -94,13 +105,13 @@ __attribute__((target("avx2,fma"))) inline __m256 unpack8(const uint8_t* row, in
   return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(words, shifts), mask));
 }
 
-__attribute__((target("avx2,fma"))) inline __m256 unpack8_4bit(const uint32_t* words, int j) {
+__attribute__((target("avx2,fma,f16c"))) inline __m256 unpack8_4bit(const uint32_t* words, int j) {
   const __m256i v = _mm256_set1_epi32(int(words[j / 8]));
   const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
   return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(v, shifts), _mm256_set1_epi32(15)));
 }
 
-__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
+__attribute__((target("avx2,fma,f16c"))) inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -108,14 +119,14 @@ __attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
 }
 
 template <int BITS>
-__attribute__((target("avx2,fma"))) inline __m256 unpack(const uint8_t* row, int j) {
+__attribute__((target("avx2,fma,f16c"))) inline __m256 unpack(const uint8_t* row, int j) {
   if constexpr (BITS == 4) return unpack8_4bit(reinterpret_cast<const uint32_t*>(row), j);
   return unpack8(row, j, BITS);
 }
 
 // NR rows (1 or 2) at once: they share every load of x; 2 x 2 accumulators per row hide the FMA latency.
 template <int BITS, int NR>
-__attribute__((target("avx2,fma"))) void dot_rows_avx2(
+__attribute__((target("avx2,fma,f16c"))) void dot_rows_avx2(
     const AffineWeights& w, const uint8_t* const* rows, int r, const float* x, const float* xsum, float* out) {
   const int ng = w.cols / w.group;
   __m256 acc[NR];
@@ -134,19 +145,143 @@ __attribute__((target("avx2,fma"))) void dot_rows_avx2(
     }
     for (int i = 0; i < NR; ++i) {
       const size_t k = size_t(r + i) * ng + g;
-      acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(w.scales[k]), _mm256_add_ps(d[i][0], d[i][1]), acc[i]);
-      bias_part[i] += w.biases[k] * xsum[g];
+      acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(scale_x86(w, k)), _mm256_add_ps(d[i][0], d[i][1]), acc[i]);
+      bias_part[i] += bias_x86(w, k) * xsum[g];
     }
   }
   for (int i = 0; i < NR; ++i) out[i] = hsum(acc[i]) + bias_part[i];
 }
 
-__attribute__((target("avx2,fma"))) void dequant_row_avx2(
+// ---------------------------------------------------------------- AVX2 integer path (4- and 8-bit codes)
+// For one token the float path spends ~5 instructions per 8 weights unpacking and converting codes. Here x
+// is rounded once per token to int16 per group (scale = group max / 32767, so each product carries a relative
+// error of at most 2^-16 of the group's largest |x|) and the codes stay integers: 4-bit bytes split into their
+// two nibbles and meet x's even and odd values in one vpmaddwd each (32 weights in ~7 instructions), exact
+// int32 sums per group, one float FMA per group with scale * x_scale.
+
+// x prepared for the integer kernels: int16 values (4-bit: per 32 values the 16 even ones, then the 16 odd
+// ones, matching the low and high nibbles of 16 packed bytes; 8-bit: natural order) and one scale per group.
+struct IntX {
+  std::vector<int16_t> v;
+  std::vector<float> scale;
+};
+
+void prepare_int_x(const float* x, int cols, int group, int bits, IntX& q) {
+  const int ng = cols / group;
+  q.v.resize(cols);
+  q.scale.resize(ng);
+  for (int g = 0; g < ng; ++g) {
+    float m = 0.f;
+    for (int j = g * group; j < (g + 1) * group; ++j) m = std::max(m, std::fabs(x[j]));
+    const float s = m > 0.f ? m / 32767.f : 1.f, inv = 1.f / s;
+    q.scale[g] = s;
+    for (int j = g * group; j < (g + 1) * group; ++j) {
+      const int16_t v = int16_t(std::lrintf(x[j] * inv));
+      if (bits == 4) {
+        const int c = j / 32, k = j % 32;  // value k of chunk c: even ones first, then odd ones
+        q.v[size_t(c) * 32 + (k % 2) * 16 + k / 2] = v;
+      } else {
+        q.v[j] = v;
+      }
+    }
+  }
+}
+
+// NR rows at once (they share every load of x); BITS 4 or 8.
+template <int BITS, int NR>
+__attribute__((target("avx2,fma,f16c"))) void dot_rows_int_avx2(const AffineWeights& w, const uint8_t* const* rows,
+                                                            int r, const IntX& qx, const float* xsum,
+                                                            float* out) {
+  const int ng = w.cols / w.group;
+  constexpr int kValsPerChunk = BITS == 4 ? 32 : 16;  // values per 16 packed bytes
+  const int chunks_per_group = w.group / kValsPerChunk;
+  const __m256i nibble = _mm256_set1_epi16(0x0F);
+  __m256 acc[NR];
+  float bias_part[NR];
+  for (int i = 0; i < NR; ++i) acc[i] = _mm256_setzero_ps(), bias_part[i] = 0.f;
+  for (int g = 0; g < ng; ++g) {
+    __m256i d[NR];
+    for (int i = 0; i < NR; ++i) d[i] = _mm256_setzero_si256();
+    for (int c = g * chunks_per_group; c < (g + 1) * chunks_per_group; ++c) {
+      if constexpr (BITS == 4) {
+        const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx.v.data() + size_t(c) * 32));
+        const __m256i xo =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx.v.data() + size_t(c) * 32 + 16));
+        for (int i = 0; i < NR; ++i) {
+          const __m256i b = _mm256_cvtepu8_epi16(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[i] + size_t(c) * 16)));
+          const __m256i lo = _mm256_and_si256(b, nibble), hi = _mm256_srli_epi16(b, 4);
+          d[i] = _mm256_add_epi32(d[i], _mm256_add_epi32(_mm256_madd_epi16(lo, xe), _mm256_madd_epi16(hi, xo)));
+        }
+      } else {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx.v.data() + size_t(c) * 16));
+        for (int i = 0; i < NR; ++i) {
+          const __m256i b = _mm256_cvtepu8_epi16(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[i] + size_t(c) * 16)));
+          d[i] = _mm256_add_epi32(d[i], _mm256_madd_epi16(b, xv));
+        }
+      }
+    }
+    for (int i = 0; i < NR; ++i) {
+      const size_t k = size_t(r + i) * ng + g;
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[i]), _mm256_set1_ps(scale_x86(w, k) * qx.scale[g]), acc[i]);
+      bias_part[i] += bias_x86(w, k) * xsum[g];
+    }
+  }
+  for (int i = 0; i < NR; ++i) out[i] = hsum(acc[i]) + bias_part[i];
+}
+
+// One row, NT tokens (a continuous batch's decode step): each 16-byte chunk of codes is unpacked once and
+// meets every token's x; the tokens' int16 copies of x are NT consecutive IntX buffers of cols values.
+template <int BITS, int NT>
+__attribute__((target("avx2,fma,f16c"))) void dot_row_tokens_int_avx2(const AffineWeights& w, const uint8_t* row,
+                                                                  int r, const IntX* qx, const float* xsum,
+                                                                  float* out, int out_stride) {
+  const int ng = w.cols / w.group;
+  constexpr int kValsPerChunk = BITS == 4 ? 32 : 16;
+  const int chunks_per_group = w.group / kValsPerChunk;
+  const __m256i nibble = _mm256_set1_epi16(0x0F);
+  __m256 acc[NT];
+  float bias_part[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps(), bias_part[t] = 0.f;
+  for (int g = 0; g < ng; ++g) {
+    __m256i d[NT];
+    for (int t = 0; t < NT; ++t) d[t] = _mm256_setzero_si256();
+    for (int c = g * chunks_per_group; c < (g + 1) * chunks_per_group; ++c) {
+      const __m256i b =
+          _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + size_t(c) * 16)));
+      if constexpr (BITS == 4) {
+        const __m256i lo = _mm256_and_si256(b, nibble), hi = _mm256_srli_epi16(b, 4);
+        for (int t = 0; t < NT; ++t) {
+          const int16_t* xv = qx[t].v.data() + size_t(c) * 32;
+          const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xv));
+          const __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xv + 16));
+          d[t] = _mm256_add_epi32(d[t], _mm256_add_epi32(_mm256_madd_epi16(lo, xe), _mm256_madd_epi16(hi, xo)));
+        }
+      } else {
+        for (int t = 0; t < NT; ++t) {
+          const __m256i xv =
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx[t].v.data() + size_t(c) * 16));
+          d[t] = _mm256_add_epi32(d[t], _mm256_madd_epi16(b, xv));
+        }
+      }
+    }
+    const size_t k = size_t(r) * ng + g;
+    const float s = scale_x86(w, k), bias = bias_x86(w, k);
+    for (int t = 0; t < NT; ++t) {
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[t]), _mm256_set1_ps(s * qx[t].scale[g]), acc[t]);
+      bias_part[t] += bias * xsum[size_t(t) * ng + g];
+    }
+  }
+  for (int t = 0; t < NT; ++t) out[size_t(t) * out_stride] = hsum(acc[t]) + bias_part[t];
+}
+
+__attribute__((target("avx2,fma,f16c"))) void dequant_row_avx2(
     const AffineWeights& w, const uint8_t* row, int r, float* out) {
   const int ng = w.cols / w.group;
   for (int g = 0; g < ng; ++g) {
-    const __m256 s = _mm256_set1_ps(w.scales[size_t(r) * ng + g]);
-    const __m256 b = _mm256_set1_ps(w.biases[size_t(r) * ng + g]);
+    const __m256 s = _mm256_set1_ps(scale_x86(w, size_t(r) * ng + g));
+    const __m256 b = _mm256_set1_ps(bias_x86(w, size_t(r) * ng + g));
     for (int j = g * w.group; j < (g + 1) * w.group; j += 8) {
       const __m256 q = w.bits == 4 ? unpack8_4bit(reinterpret_cast<const uint32_t*>(row), j)
                                    : unpack8(row, j, w.bits);
@@ -156,7 +291,7 @@ __attribute__((target("avx2,fma"))) void dequant_row_avx2(
 }
 
 // y[t, r0..r0+n) for one token: n (<= kRowBlock) dequantized rows share every load of x
-__attribute__((target("avx2,fma"))) void dots_avx2(
+__attribute__((target("avx2,fma,f16c"))) void dots_avx2(
     const float* rows, int n, int cols, const float* x, float* out) {
   __m256 a[kRowBlock];
   for (int i = 0; i < kRowBlock; ++i) a[i] = _mm256_setzero_ps();
@@ -174,7 +309,7 @@ bool use_avx2() {
     const char* force = std::getenv("MMT_NATIVE_ISA");
     if (force && std::string(force) == "scalar") return false;
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   }();
   return ok;
 #else
@@ -223,29 +358,119 @@ struct RowReader {
   }
 };
 
+using IntDotRows = void (*)(const AffineWeights&, const uint8_t* const*, int, const IntX&, const float*, float*);
+
+// The integer kernel for these codes on this CPU, or nullptr (float path).
+template <int NR>
+IntDotRows pick_int_dot_rows(int bits) {
+#ifdef MMT_X86
+  if (use_avx2() && !std::getenv("MMT_NATIVE_FLOAT")) {
+    if (bits == 4) return dot_rows_int_avx2<4, NR>;
+    if (bits == 8) return dot_rows_int_avx2<8, NR>;
+  }
+#endif
+  (void)bits;
+  return nullptr;
+}
+
 void matvec(const AffineWeights& w, const RowReader& rd, const float* x, float* y, int nthreads) {
   const int ng = w.cols / w.group;
-  std::vector<float> xsum(ng);
+  // per-thread scratch reused across calls; the workers below reach the caller's copies through these refs
+  // (naming a thread_local inside the lambda would give each worker its own empty one)
+  thread_local std::vector<float> xsum_tl;
+  thread_local IntX qx_tl;
+  std::vector<float>& xsum = xsum_tl;
+  IntX& qx = qx_tl;
+  xsum.resize(ng);
   for (int g = 0; g < ng; ++g) {
     float s = 0.f;
     for (int j = g * w.group; j < (g + 1) * w.group; ++j) s += x[j];
     xsum[g] = s;
   }
+  const IntDotRows idot2 = pick_int_dot_rows<2>(w.bits), idot1 = pick_int_dot_rows<1>(w.bits);
+  if (idot2) prepare_int_x(x, w.cols, w.group, w.bits, qx);
   const DotRows dot2 = pick_dot_rows<2>(w.bits), dot1 = pick_dot_rows<1>(w.bits);
   const int pairs = w.rows / 2;
   constexpr int kPairsPerChunk = 16;
   const int nchunks = (pairs + kPairsPerChunk - 1) / kPairsPerChunk;
-  parallel_for(nchunks, w.rows >= 128 ? nthreads : 1, [&](int c) {
+  // One token runs on the calling thread: in the decode loop the other core is building the next step's graph
+  // (mx.async_eval), and a worker sharing that core stalls the product (measured on SmolLM2, 2 cores: 30-38
+  // tok/s with 2 threads, 35 with only the LM head split, 40-43 with one thread).
+  (void)nthreads;
+  parallel_for(nchunks, 1, [&](int c) {
     const int p1 = std::min(pairs, (c + 1) * kPairsPerChunk);
     for (int p = c * kPairsPerChunk; p < p1; ++p) {
       const uint8_t* rows[2] = {rd.row(2 * p), rd.row(2 * p + 1)};
-      dot2(w, rows, 2 * p, x, xsum.data(), y + 2 * p);
+      if (idot2) {
+        idot2(w, rows, 2 * p, qx, xsum.data(), y + 2 * p);
+      } else {
+        dot2(w, rows, 2 * p, x, xsum.data(), y + 2 * p);
+      }
     }
   });
   if (w.rows % 2) {
     const uint8_t* last[1] = {rd.row(w.rows - 1)};
-    dot1(w, last, w.rows - 1, x, xsum.data(), y + w.rows - 1);
+    if (idot1) {
+      idot1(w, last, w.rows - 1, qx, xsum.data(), y + w.rows - 1);
+    } else {
+      dot1(w, last, w.rows - 1, x, xsum.data(), y + w.rows - 1);
+    }
   }
+}
+
+using RowTokens = void (*)(const AffineWeights&, const uint8_t*, int, const IntX*, const float*, float*, int);
+
+template <int BITS>
+RowTokens pick_row_tokens_bits(int nt) {
+  switch (nt) {
+    case 1: return dot_row_tokens_int_avx2<BITS, 1>;
+    case 2: return dot_row_tokens_int_avx2<BITS, 2>;
+    case 3: return dot_row_tokens_int_avx2<BITS, 3>;
+    case 4: return dot_row_tokens_int_avx2<BITS, 4>;
+    case 5: return dot_row_tokens_int_avx2<BITS, 5>;
+    case 6: return dot_row_tokens_int_avx2<BITS, 6>;
+    case 7: return dot_row_tokens_int_avx2<BITS, 7>;
+    default: return dot_row_tokens_int_avx2<BITS, 8>;
+  }
+}
+
+// The integer kernel for 2..kMaxIntTokens tokens of these codes on this CPU, or nullptr.
+RowTokens pick_row_tokens(int bits, int nt) {
+#ifdef MMT_X86
+  if (use_avx2() && !std::getenv("MMT_NATIVE_FLOAT")) {
+    if (bits == 4) return pick_row_tokens_bits<4>(nt);
+    if (bits == 8) return pick_row_tokens_bits<8>(nt);
+  }
+#endif
+  (void)bits, (void)nt;
+  return nullptr;
+}
+
+// A few tokens (a decode step of a continuous batch): the packed weights are streamed once for all of them.
+void matmul_few(const AffineWeights& w, const RowReader& rd, const float* x, float* y, int tokens,
+                RowTokens kernel, int nthreads) {
+  const int ng = w.cols / w.group;
+  thread_local std::vector<IntX> qx_tl;
+  thread_local std::vector<float> xsum_tl;
+  std::vector<IntX>& qx = qx_tl;
+  std::vector<float>& xsum = xsum_tl;
+  qx.resize(tokens);
+  xsum.resize(size_t(tokens) * ng);
+  for (int t = 0; t < tokens; ++t) {
+    const float* xt = x + size_t(t) * w.cols;
+    prepare_int_x(xt, w.cols, w.group, w.bits, qx[t]);
+    for (int g = 0; g < ng; ++g) {
+      float s = 0.f;
+      for (int j = g * w.group; j < (g + 1) * w.group; ++j) s += xt[j];
+      xsum[size_t(t) * ng + g] = s;
+    }
+  }
+  constexpr int kRowsPerChunk = 32;
+  const int nchunks = (w.rows + kRowsPerChunk - 1) / kRowsPerChunk;
+  parallel_for(nchunks, nthreads, [&](int c) {
+    const int r1 = std::min(w.rows, (c + 1) * kRowsPerChunk);
+    for (int r = c * kRowsPerChunk; r < r1; ++r) kernel(w, rd.row(r), r, qx.data(), xsum.data(), y + r, w.rows);
+  });
 }
 
 void matmul_tiles(const AffineWeights& w, const RowReader& rd, const float* x, float* y, int tokens,
@@ -295,6 +520,16 @@ void affine_matmul(const AffineWeights& w, const float* x, float* y, int tokens)
   const RowReader rd(w);
   const int nthreads = num_threads();
   // A token or two: stream the packed weights once per token; more: dequantize row tiles once.
+  if (tokens == 1) {
+    matvec(w, rd, x, y, nthreads);
+    return;
+  }
+  if (tokens <= kMaxIntTokens) {
+    if (RowTokens kernel = pick_row_tokens(w.bits, tokens)) {
+      matmul_few(w, rd, x, y, tokens, kernel, nthreads);
+      return;
+    }
+  }
   if (tokens <= 2) {
     for (int t = 0; t < tokens; ++t) matvec(w, rd, x + size_t(t) * w.cols, y + size_t(t) * w.rows, nthreads);
     return;

@@ -2,18 +2,50 @@
 // Plain C++ (no MLX types) so they can be tested and timed on their own.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 namespace mmt {
 
+// IEEE half (bits) to float, portable (F16C is not assumed: the kernels read one scale per group).
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+  uint32_t bits;
+  if (exp == 0x1F) {
+    bits = sign | 0x7F800000u | (man << 13);  // inf / nan
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal: normalize
+    int e = -1;
+    uint32_t m = man;
+    do { ++e; m <<= 1; } while (!(m & 0x400));
+    bits = sign | uint32_t(112 - e) << 23 | ((m & 0x3FF) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
 struct AffineWeights {
   const uint32_t* wq;      // (rows, cols * bits / 32) little-endian bit stream per row
-  const float* scales;     // (rows, cols / group)
-  const float* biases;     // (rows, cols / group)
+  const void* scales;      // (rows, cols / group), f32, or f16 when `half` (the stored precision: fewer bytes)
+  const void* biases;      // (rows, cols / group), same type as scales
   int rows;
   int cols;
   int bits;                // 2, 3, 4, 5, 6 or 8
   int group;               // 32, 64 or 128
+  bool half;
+
+  float scale(size_t k) const { return read(scales, k); }
+  float bias(size_t k) const { return read(biases, k); }
+
+ private:
+  float read(const void* p, size_t k) const {
+    return half ? half_to_float(static_cast<const uint16_t*>(p)[k]) : static_cast<const float*>(p)[k];
+  }
 };
 
 // y (tokens, rows) = x (tokens, cols) @ W.T, all row-contiguous f32. Every output element is computed by one

@@ -106,27 +106,47 @@ class CirculantLevel(nn.Module):
         return rows.reshape(ids.shape[0], -1)[:, : self.cols]
 
 
+class _OpsScales:
+    """An f32 copy of a level's f16 scales for the MLX-ops path, made on first use (a plain object, so that
+    nn.Module does not count it among the model's parameters)."""
+
+    pair: tuple[mx.array, mx.array] | None = None
+
+
 class QuantLevel(nn.Module):
     def __init__(self, code: QuantCode, use_kernel: bool):
         super().__init__()
         self.rows, self.cols = code.rows, code.cols
         self.bits, self.group_size = code.bits, code.group_size
+        self.use_kernel = use_kernel
+        self._ops_copy = _OpsScales()
         self.wq = mx.array(np.asarray(code.wq, dtype=np.uint32))
-        # MLX's CPU dequantize runs ~5x faster with f32 scales; GPUs keep the stored f16 (fewer bytes)
-        sdt = np.float16 if use_kernel else np.float32
+        # GPUs and the native CPU kernels read the stored f16 scales (fewer bytes per token); MLX's own CPU
+        # dequantize runs ~5x faster with f32 ones, so the MLX-ops path gets an f32 copy when it runs
+        sdt = np.float16 if use_kernel or native.available() else np.float32
         self.scales = mx.array(np.asarray(code.scales).astype(sdt))
         self.biases = mx.array(np.asarray(code.biases).astype(sdt))
 
     def __call__(self, x: mx.array) -> mx.array:
         if native.enabled():  # native CPU kernel (mmt_mlx/native.py); the ops path stays the oracle
             return native.quant_matmul(x, self.wq, self.scales, self.biases, self.group_size, self.bits)
-        return ops.quant_matmul(x, self.wq, self.scales, self.biases, self.group_size, self.bits)
+        s, b = self._ops_scales()
+        return ops.quant_matmul(x, self.wq, s, b, self.group_size, self.bits)
+
+    def _ops_scales(self) -> tuple[mx.array, mx.array]:
+        if self.use_kernel or self.scales.dtype == mx.float32:
+            return self.scales, self.biases
+        if (
+            self._ops_copy.pair is None
+        ):  # native kernels forced off (MMT_NATIVE=0) after loading: convert once
+            self._ops_copy.pair = (self.scales.astype(mx.float32), self.biases.astype(mx.float32))
+        return self._ops_copy.pair
 
     def decode_rows(self, ids: mx.array) -> mx.array:
         w = mx.dequantize(
             mx.take(self.wq, ids, axis=0),
-            mx.take(self.scales, ids, axis=0),
-            mx.take(self.biases, ids, axis=0),
+            mx.take(self.scales, ids, axis=0).astype(mx.float32),
+            mx.take(self.biases, ids, axis=0).astype(mx.float32),
             group_size=self.group_size,
             bits=self.bits,
         )
