@@ -187,94 +187,21 @@ void prepare_int_x(const float* x, int cols, int group, int bits, IntX& q) {
   }
 }
 
-// NR rows at once (they share every load of x); BITS 4 or 8.
-template <int BITS, int NR>
-__attribute__((target("avx2,fma,f16c"))) void dot_rows_int_avx2(const AffineWeights& w, const uint8_t* const* rows,
-                                                            int r, const IntX& qx, const float* xsum,
-                                                            float* out) {
-  const int ng = w.cols / w.group;
-  constexpr int kValsPerChunk = BITS == 4 ? 32 : 16;  // values per 16 packed bytes
-  const int chunks_per_group = w.group / kValsPerChunk;
-  const __m256i nibble = _mm256_set1_epi16(0x0F);
-  __m256 acc[NR];
-  float bias_part[NR];
-  for (int i = 0; i < NR; ++i) acc[i] = _mm256_setzero_ps(), bias_part[i] = 0.f;
-  for (int g = 0; g < ng; ++g) {
-    __m256i d[NR];
-    for (int i = 0; i < NR; ++i) d[i] = _mm256_setzero_si256();
-    for (int c = g * chunks_per_group; c < (g + 1) * chunks_per_group; ++c) {
-      if constexpr (BITS == 4) {
-        const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx.v.data() + size_t(c) * 32));
-        const __m256i xo =
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx.v.data() + size_t(c) * 32 + 16));
-        for (int i = 0; i < NR; ++i) {
-          const __m256i b = _mm256_cvtepu8_epi16(
-              _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[i] + size_t(c) * 16)));
-          const __m256i lo = _mm256_and_si256(b, nibble), hi = _mm256_srli_epi16(b, 4);
-          d[i] = _mm256_add_epi32(d[i], _mm256_add_epi32(_mm256_madd_epi16(lo, xe), _mm256_madd_epi16(hi, xo)));
-        }
-      } else {
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx.v.data() + size_t(c) * 16));
-        for (int i = 0; i < NR; ++i) {
-          const __m256i b = _mm256_cvtepu8_epi16(
-              _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[i] + size_t(c) * 16)));
-          d[i] = _mm256_add_epi32(d[i], _mm256_madd_epi16(b, xv));
-        }
-      }
-    }
-    for (int i = 0; i < NR; ++i) {
-      const size_t k = size_t(r + i) * ng + g;
-      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[i]), _mm256_set1_ps(scale_x86(w, k) * qx.scale[g]), acc[i]);
-      bias_part[i] += bias_x86(w, k) * xsum[g];
-    }
-  }
-  for (int i = 0; i < NR; ++i) out[i] = hsum(acc[i]) + bias_part[i];
-}
+namespace avx2 {
+#define MMT_INT_TARGET __attribute__((target("avx2,fma,f16c")))
+#define MMT_INT_VNNI 0
+#include "int_kernels.inc"
+#undef MMT_INT_TARGET
+#undef MMT_INT_VNNI
+}  // namespace avx2
 
-// One row, NT tokens (a continuous batch's decode step): each 16-byte chunk of codes is unpacked once and
-// meets every token's x; the tokens' int16 copies of x are NT consecutive IntX buffers of cols values.
-template <int BITS, int NT>
-__attribute__((target("avx2,fma,f16c"))) void dot_row_tokens_int_avx2(const AffineWeights& w, const uint8_t* row,
-                                                                  int r, const IntX* qx, const float* xsum,
-                                                                  float* out, int out_stride) {
-  const int ng = w.cols / w.group;
-  constexpr int kValsPerChunk = BITS == 4 ? 32 : 16;
-  const int chunks_per_group = w.group / kValsPerChunk;
-  const __m256i nibble = _mm256_set1_epi16(0x0F);
-  __m256 acc[NT];
-  float bias_part[NT];
-  for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps(), bias_part[t] = 0.f;
-  for (int g = 0; g < ng; ++g) {
-    __m256i d[NT];
-    for (int t = 0; t < NT; ++t) d[t] = _mm256_setzero_si256();
-    for (int c = g * chunks_per_group; c < (g + 1) * chunks_per_group; ++c) {
-      const __m256i b =
-          _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + size_t(c) * 16)));
-      if constexpr (BITS == 4) {
-        const __m256i lo = _mm256_and_si256(b, nibble), hi = _mm256_srli_epi16(b, 4);
-        for (int t = 0; t < NT; ++t) {
-          const int16_t* xv = qx[t].v.data() + size_t(c) * 32;
-          const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xv));
-          const __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xv + 16));
-          d[t] = _mm256_add_epi32(d[t], _mm256_add_epi32(_mm256_madd_epi16(lo, xe), _mm256_madd_epi16(hi, xo)));
-        }
-      } else {
-        for (int t = 0; t < NT; ++t) {
-          const __m256i xv =
-              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx[t].v.data() + size_t(c) * 16));
-          d[t] = _mm256_add_epi32(d[t], _mm256_madd_epi16(b, xv));
-        }
-      }
-    }
-    const size_t k = size_t(r) * ng + g;
-    const float s = scale_x86(w, k), bias = bias_x86(w, k);
-    for (int t = 0; t < NT; ++t) {
-      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[t]), _mm256_set1_ps(s * qx[t].scale[g]), acc[t]);
-      bias_part[t] += bias * xsum[size_t(t) * ng + g];
-    }
-  }
-  for (int t = 0; t < NT; ++t) out[size_t(t) * out_stride] = hsum(acc[t]) + bias_part[t];
-}
+namespace vnni {
+#define MMT_INT_TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
+#define MMT_INT_VNNI 1
+#include "int_kernels.inc"
+#undef MMT_INT_TARGET
+#undef MMT_INT_VNNI
+}  // namespace vnni
 
 __attribute__((target("avx2,fma,f16c"))) void dequant_row_avx2(
     const AffineWeights& w, const uint8_t* row, int r, float* out) {
@@ -310,6 +237,22 @@ bool use_avx2() {
     if (force && std::string(force) == "scalar") return false;
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// AVX-512 VNNI (vpdpwssd on 256-bit registers) for the integer kernels; MMT_NATIVE_ISA=avx2 turns it off.
+bool use_vnni() {
+#ifdef MMT_X86
+  static const bool ok = [] {
+    const char* force = std::getenv("MMT_NATIVE_ISA");
+    if (force && (std::string(force) == "scalar" || std::string(force) == "avx2")) return false;
+    __builtin_cpu_init();
+    return use_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
   }();
   return ok;
 #else
@@ -365,8 +308,8 @@ template <int NR>
 IntDotRows pick_int_dot_rows(int bits) {
 #ifdef MMT_X86
   if (use_avx2() && !std::getenv("MMT_NATIVE_FLOAT")) {
-    if (bits == 4) return dot_rows_int_avx2<4, NR>;
-    if (bits == 8) return dot_rows_int_avx2<8, NR>;
+    if (bits == 4) return use_vnni() ? vnni::dot_rows_int<4, NR> : avx2::dot_rows_int<4, NR>;
+    if (bits == 8) return use_vnni() ? vnni::dot_rows_int<8, NR> : avx2::dot_rows_int<8, NR>;
   }
 #endif
   (void)bits;
@@ -387,59 +330,57 @@ void matvec(const AffineWeights& w, const RowReader& rd, const float* x, float* 
     for (int j = g * w.group; j < (g + 1) * w.group; ++j) s += x[j];
     xsum[g] = s;
   }
-  const IntDotRows idot2 = pick_int_dot_rows<2>(w.bits), idot1 = pick_int_dot_rows<1>(w.bits);
-  if (idot2) prepare_int_x(x, w.cols, w.group, w.bits, qx);
-  const DotRows dot2 = pick_dot_rows<2>(w.bits), dot1 = pick_dot_rows<1>(w.bits);
-  const int pairs = w.rows / 2;
-  constexpr int kPairsPerChunk = 16;
-  const int nchunks = (pairs + kPairsPerChunk - 1) / kPairsPerChunk;
   // One token runs on the calling thread: in the decode loop the other core is building the next step's graph
   // (mx.async_eval), and a worker sharing that core stalls the product (measured on SmolLM2, 2 cores: 30-38
   // tok/s with 2 threads, 35 with only the LM head split, 40-43 with one thread).
   (void)nthreads;
-  parallel_for(nchunks, 1, [&](int c) {
-    const int p1 = std::min(pairs, (c + 1) * kPairsPerChunk);
-    for (int p = c * kPairsPerChunk; p < p1; ++p) {
-      const uint8_t* rows[2] = {rd.row(2 * p), rd.row(2 * p + 1)};
-      if (idot2) {
-        idot2(w, rows, 2 * p, qx, xsum.data(), y + 2 * p);
-      } else {
-        dot2(w, rows, 2 * p, x, xsum.data(), y + 2 * p);
-      }
+  const IntDotRows idot4 = pick_int_dot_rows<4>(w.bits), idot1 = pick_int_dot_rows<1>(w.bits);
+  int r = 0;
+  if (idot4) {  // integer path: four rows share each load of x
+    prepare_int_x(x, w.cols, w.group, w.bits, qx);
+    for (; r + 4 <= w.rows; r += 4) {
+      const uint8_t* rows[4] = {rd.row(r), rd.row(r + 1), rd.row(r + 2), rd.row(r + 3)};
+      idot4(w, rows, r, qx, xsum.data(), y + r);
     }
-  });
-  if (w.rows % 2) {
-    const uint8_t* last[1] = {rd.row(w.rows - 1)};
-    if (idot1) {
-      idot1(w, last, w.rows - 1, qx, xsum.data(), y + w.rows - 1);
-    } else {
-      dot1(w, last, w.rows - 1, x, xsum.data(), y + w.rows - 1);
+    for (; r < w.rows; ++r) {
+      const uint8_t* row[1] = {rd.row(r)};
+      idot1(w, row, r, qx, xsum.data(), y + r);
     }
+    return;
+  }
+  const DotRows dot2 = pick_dot_rows<2>(w.bits), dot1 = pick_dot_rows<1>(w.bits);
+  for (; r + 2 <= w.rows; r += 2) {
+    const uint8_t* rows[2] = {rd.row(r), rd.row(r + 1)};
+    dot2(w, rows, r, x, xsum.data(), y + r);
+  }
+  if (r < w.rows) {
+    const uint8_t* last[1] = {rd.row(r)};
+    dot1(w, last, r, x, xsum.data(), y + r);
   }
 }
 
 using RowTokens = void (*)(const AffineWeights&, const uint8_t*, int, const IntX*, const float*, float*, int);
 
-template <int BITS>
-RowTokens pick_row_tokens_bits(int nt) {
-  switch (nt) {
-    case 1: return dot_row_tokens_int_avx2<BITS, 1>;
-    case 2: return dot_row_tokens_int_avx2<BITS, 2>;
-    case 3: return dot_row_tokens_int_avx2<BITS, 3>;
-    case 4: return dot_row_tokens_int_avx2<BITS, 4>;
-    case 5: return dot_row_tokens_int_avx2<BITS, 5>;
-    case 6: return dot_row_tokens_int_avx2<BITS, 6>;
-    case 7: return dot_row_tokens_int_avx2<BITS, 7>;
-    default: return dot_row_tokens_int_avx2<BITS, 8>;
-  }
+template <int BITS, bool VNNI>
+RowTokens row_tokens_kernel(int nt) {
+  constexpr RowTokens avx2_k[8] = {avx2::dot_row_tokens_int<BITS, 1>, avx2::dot_row_tokens_int<BITS, 2>,
+                                   avx2::dot_row_tokens_int<BITS, 3>, avx2::dot_row_tokens_int<BITS, 4>,
+                                   avx2::dot_row_tokens_int<BITS, 5>, avx2::dot_row_tokens_int<BITS, 6>,
+                                   avx2::dot_row_tokens_int<BITS, 7>, avx2::dot_row_tokens_int<BITS, 8>};
+  constexpr RowTokens vnni_k[8] = {vnni::dot_row_tokens_int<BITS, 1>, vnni::dot_row_tokens_int<BITS, 2>,
+                                   vnni::dot_row_tokens_int<BITS, 3>, vnni::dot_row_tokens_int<BITS, 4>,
+                                   vnni::dot_row_tokens_int<BITS, 5>, vnni::dot_row_tokens_int<BITS, 6>,
+                                   vnni::dot_row_tokens_int<BITS, 7>, vnni::dot_row_tokens_int<BITS, 8>};
+  return (VNNI ? vnni_k : avx2_k)[std::min(std::max(nt, 1), 8) - 1];
 }
 
 // The integer kernel for 2..kMaxIntTokens tokens of these codes on this CPU, or nullptr.
 RowTokens pick_row_tokens(int bits, int nt) {
 #ifdef MMT_X86
   if (use_avx2() && !std::getenv("MMT_NATIVE_FLOAT")) {
-    if (bits == 4) return pick_row_tokens_bits<4>(nt);
-    if (bits == 8) return pick_row_tokens_bits<8>(nt);
+    const bool v = use_vnni();
+    if (bits == 4) return v ? row_tokens_kernel<4, true>(nt) : row_tokens_kernel<4, false>(nt);
+    if (bits == 8) return v ? row_tokens_kernel<8, true>(nt) : row_tokens_kernel<8, false>(nt);
   }
 #endif
   (void)bits, (void)nt;
@@ -512,7 +453,7 @@ void set_num_threads(int n) { g_threads = n > 0 ? n : 0; }
 
 int num_threads() { return g_threads > 0 ? g_threads : default_threads(); }
 
-const char* isa() { return use_avx2() ? "avx2+fma" : "scalar"; }
+const char* isa() { return use_vnni() ? "avx2+fma+avx512vnni" : use_avx2() ? "avx2+fma" : "scalar"; }
 
 
 void affine_matmul(const AffineWeights& w, const float* x, float* y, int tokens) {
