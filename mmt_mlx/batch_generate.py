@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 
+from mmt_mlx.batch_cache import PaddedBatch
 from mmt_mlx.cache import BatchCache, SlidingKVCache
 from mmt_mlx.constrain import GrammarConstraint
 from mmt_mlx.sample import Sampler
@@ -90,6 +91,7 @@ class BatchGenerator:
         self.busy_prefill_chunk = busy_prefill_chunk
         self._streams: dict[int, _Stream] = {}
         self._uids = itertools.count()
+        self._padded: PaddedBatch | None = None  # the decode batch's KV in one buffer (mmt_mlx.batch_cache)
 
     # -- membership ----------------------------------------------------------------------------------
 
@@ -134,6 +136,7 @@ class BatchGenerator:
             self._keep(s)
 
     def _keep(self, s: _Stream) -> None:
+        self._unpad(only=s)  # its keys may live in the batch's buffer
         if self.prompt_cache is not None and s.cache:
             self.prompt_cache.insert(s.request.prompt + s.generated, s.cache)
 
@@ -218,10 +221,17 @@ class BatchGenerator:
         if not batch:
             return []
         tokens = mx.stack(inputs)
-        cache = [BatchCache([s.cache[i] for s in batch]) for i in range(len(batch[0].cache))]
         try:
+            padded = self._padded_for(batch)
+            if padded is not None:
+                cache: list = padded.layers
+            else:
+                cache = [BatchCache([s.cache[i] for s in batch]) for i in range(len(batch[0].cache))]
             logits = self.lm.model(tokens[:, None], cache)[:, -1].astype(mx.float32)
+            if padded is not None:
+                padded.advance()
         except Exception as exc:  # noqa: BLE001 - a forward that fails fails every stream in it
+            self._padded = None
             for s in batch:
                 del self._streams[s.uid]
             return [StepEvent(s.uid, error=exc) for s in batch]
@@ -233,6 +243,30 @@ class BatchGenerator:
                 del self._streams[s.uid]
                 events.append(StepEvent(s.uid, error=exc))
         return events
+
+    def _padded_for(self, batch: list[_Stream]) -> PaddedBatch | None:
+        """The batch's padded KV buffer (rebuilt when its membership changed), or None for a lone stream or
+        one whose cache is still empty (those attend row by row)."""
+        uids = tuple(s.uid for s in batch)
+        if self._padded is not None and self._padded.uids == uids:
+            return self._padded
+        self._unpad()
+        if len(batch) < 2 or any(s.cache[0].offset == 0 for s in batch):
+            return None
+        self._padded = PaddedBatch(uids, [s.cache for s in batch])
+        return self._padded
+
+    def _unpad(self, only: _Stream | None = None) -> None:
+        """Hand the padded buffer's rows back to their streams' own caches (all, or only the one leaving)."""
+        p = self._padded
+        if p is None:
+            return
+        for i, uid in enumerate(p.uids):
+            s = self._streams.get(uid) if only is None else (only if only.uid == uid else None)
+            if s is not None:
+                s.cache = p.row_caches(i, s.cache)
+        if only is None:
+            self._padded = None
 
     def _sample(self, s: _Stream, logits: mx.array) -> tuple[mx.array, mx.array | None]:
         context = s.request.prompt + s.generated

@@ -7,6 +7,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from mmt_mlx.batch_cache import PaddedLayer
 from mmt_mlx.cache import BatchCache
 
 
@@ -45,10 +46,15 @@ def cached_attention(
 ) -> mx.array:
     """RoPE, cache update and attention for (B, H, L, D) projections; returns (B, L, H * D).
 
-    ``cache`` is one request's layer cache, or a :class:`~mmt_mlx.cache.BatchCache` holding one cache per row
-    of the batch: then each row is rotated at its own position and attends to its own keys (the requests of a
-    continuous batch have different lengths), while the projections around this call ran batched.
+    ``cache`` is one request's layer cache; a :class:`~mmt_mlx.batch_cache.PaddedLayer` holding the decode
+    state of a continuous batch in one left-padded buffer (each row rotated at its own position, one masked
+    attention for all); or a :class:`~mmt_mlx.cache.BatchCache` of one cache per row, attended row by row
+    (newcomers whose cache is still empty).
     """
+    if isinstance(cache, PaddedLayer):  # the batch's state in one buffer: a fixed number of ops for any B
+        q, k = rope(q, offset=cache.positions), rope(k, offset=cache.positions)
+        keys, values = cache.update_and_fetch(k, v)
+        return attention(q, keys, values, scale, cache.mask())
     if not isinstance(cache, BatchCache):
         return _one_request(q, k, v, cache, rope, scale, window)
     outs = [
