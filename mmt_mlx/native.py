@@ -86,6 +86,26 @@ def quant_matmul(
     return y if x.dtype == mx.float32 else y.astype(x.dtype)
 
 
+def rms_norm(x: mx.array, w: mx.array, eps: float) -> mx.array:
+    """x * rsqrt(mean(x^2, -1) + eps) * w as one native node (MLX's CPU rms_norm is ~8 small ops)."""
+    y = _require().rms_norm(x, w, eps)
+    return y if x.dtype == mx.float32 else y.astype(x.dtype)
+
+
+def rope(x: mx.array, offset: mx.array, dims: int, base: float, scale: float) -> mx.array:
+    """Half-split RoPE of x (B, H, T, D) at positions offset[b] + t, as one native node (MLX's CPU rope is
+    ~20 small ops: arange, exp, cos, sin, ...)."""
+    y = _require().rope(x, offset, dims, base, scale)
+    return y if x.dtype == mx.float32 else y.astype(x.dtype)
+
+
+def _require() -> ModuleType:
+    mod = _load()
+    if mod is None:
+        raise RuntimeError(f"native CPU kernels unavailable: {_reason}")
+    return mod
+
+
 def set_threads(n: int) -> None:
     """Threads of the native kernels (n <= 0: MMT_THREADS or all cores)."""
     mod = _load()

@@ -7,6 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mmt_mlx.batch_cache import PaddedBatch
 from mmt_mlx.batch_generate import BatchGenerator
 from mmt_mlx.cache import BatchCache
 from mmt_mlx.generate import stream_generate
@@ -57,6 +58,32 @@ def _batched_equals_single(lm) -> None:
 
 def test_batched_forward_equals_single(lm):
     _batched_equals_single(lm)
+
+
+def test_padded_batch_equals_single(lm):
+    """The batch's KV in one left-padded buffer: each step == each request alone (Gemma: sliding layers
+    masked to their window), and the rows handed back continue exactly as the requests run alone."""
+    model = lm.model
+    caches, singles = [], []
+    for p in PROMPTS:  # 3..20 tokens: rows padded differently; Gemma's tiny window (8) is exceeded
+        for out in (caches, singles):
+            c = model.make_cache()
+            model(mx.array(p)[None], c)
+            out.append(c)
+    padded = PaddedBatch(tuple(range(len(PROMPTS))), caches)
+    nxt = [5, 6, 7, 8]
+    for _ in range(12):  # past the growth of the single caches and across the window
+        out = model(mx.array([[t] for t in nxt]), padded.layers)[:, -1]
+        padded.advance()
+        ref = mx.concatenate([model(mx.array([[t]]), c)[:, -1] for t, c in zip(nxt, singles)])
+        np.testing.assert_allclose(np.array(out), np.array(ref), rtol=1e-4, atol=1e-4)
+        nxt = np.array(out).argmax(-1).tolist()
+    for i, (c, single) in enumerate(zip(caches, singles)):
+        back = padded.row_caches(i, c)
+        assert [b.offset for b in back] == [s.offset for s in single]
+        got = model(mx.array([[nxt[i]]]), back)[:, -1]
+        want = model(mx.array([[nxt[i]]]), single)[:, -1]
+        np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-4)
 
 
 def test_batched_forward_equals_single_fgs(fgs_lm):

@@ -195,3 +195,52 @@ def test_extension_built_for_another_mlx_is_not_loaded(monkeypatch, tmp_path):
     finally:
         monkeypatch.undo()
         native.reset()
+
+
+@needs_native
+def test_rms_norm_and_rope_match_mlx_fast():
+    """The norm and RoPE nodes against mx.fast (whose CPU form is a graph of small ops) and float64."""
+    rng = np.random.default_rng(11)
+    for shape in [(1, 1, 5), (2, 3, 577), (4, 64)]:
+        x = mx.array(rng.normal(size=shape).astype(np.float32))
+        w = mx.array(rng.normal(size=shape[-1]).astype(np.float32))
+        np.testing.assert_allclose(
+            np.array(native.rms_norm(x, w, 1e-6)),
+            np.array(mx.fast.rms_norm(x, w, 1e-6)),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+    x64 = rng.normal(size=(3, 5, 7, 62))  # (B, T, H, D): read transposed, as the models pass q and k
+    x = mx.array(x64.astype(np.float32)).transpose(0, 2, 1, 3)
+    for off in ([0], [0, 900, 4000], [17]):
+        o = mx.array(np.array(off if len(off) > 1 else off[0], dtype=np.int32))
+        got = np.array(native.rope(x, o, 62, 10000.0, 1.0))
+        ref = np.array(mx.fast.rope(x, 62, traditional=False, base=10000.0, scale=1.0, offset=o))
+        pos = np.array(off)[:, None] + np.arange(5)[None, :]  # (B or 1, T)
+        th = pos[:, None, :, None] * 10000.0 ** (-np.arange(31) / 31)  # (B, 1, T, half)
+        xt = x64.transpose(0, 2, 1, 3)
+        want = np.concatenate(
+            [
+                xt[..., :31] * np.cos(th) - xt[..., 31:] * np.sin(th),
+                xt[..., :31] * np.sin(th) + xt[..., 31:] * np.cos(th),
+            ],
+            axis=-1,
+        )
+        tol = 1e-5 + 2e-7 * pos.max()  # f32 angles: the error grows with the position, as in MLX's own
+        assert np.abs(got - want).max() < tol and np.abs(ref - want).max() < 2 * tol, off
+
+
+@needs_native
+def test_models_native_nodes_match_mlx_ops(monkeypatch):
+    """Whole tiny models: logits with the native norm/RoPE/product nodes == MLX ops (MMT_NATIVE=0)."""
+    from mmt_mlx.testing import tiny_model
+
+    for arch in ("llama", "gemma3"):
+        lm = tiny_model(arch)
+        tokens = mx.array([list(range(3, 40))])
+        monkeypatch.delenv("MMT_NATIVE", raising=False)
+        got = np.array(lm.model(tokens))
+        monkeypatch.setenv("MMT_NATIVE", "0")
+        want = np.array(lm.model(tokens))
+        monkeypatch.delenv("MMT_NATIVE")
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

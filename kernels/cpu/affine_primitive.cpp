@@ -1,32 +1,14 @@
 #include "affine_primitive.h"
 
-#include <cstring>
 #include <sstream>
 #include <stdexcept>
 
 #include "affine_kernels.h"
+#include "operands.h"
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
 
 namespace mmt {
-namespace {
-
-// Fills `out` (row-contiguous, same shape) from a strided array (libmlx does not export its own copy
-// routines). Rare: the model's operands arrive contiguous; this is for a transposed x, element by element.
-void copy_strided(const mx::array& a, mx::array& out) {
-  const size_t item = a.itemsize(), n = a.size();
-  const char* src = a.data<char>();
-  char* dst = out.data<char>();
-  std::vector<int64_t> idx(a.ndim(), 0);
-  for (size_t i = 0; i < n; ++i) {
-    int64_t off = 0;
-    for (size_t d = 0; d < idx.size(); ++d) off += idx[d] * a.strides()[d];
-    std::memcpy(dst + i * item, src + off * int64_t(item), item);
-    for (int d = int(idx.size()) - 1; d >= 0 && ++idx[d] == a.shape(d); --d) idx[d] = 0;
-  }
-}
-
-}  // namespace
 
 mx::array affine_matmul_op(const mx::array& x, const mx::array& wq, const mx::array& scales,
                            const mx::array& biases, int group_size, int bits, mx::StreamOrDevice s) {
@@ -63,23 +45,7 @@ mx::array affine_matmul_op(const mx::array& x, const mx::array& wq, const mx::ar
 
 void AffineMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   auto& enc = mx::cpu::get_command_encoder(stream());
-  std::vector<mx::array> ops;  // the inputs, a row-contiguous copy in place of a strided one
-  for (const auto& a : inputs) {
-    if (a.flags().row_contiguous) {
-      ops.push_back(a);
-      continue;
-    }
-    mx::array copy(a.shape(), a.dtype(), nullptr, {});
-    copy.set_data(mx::allocator::malloc(copy.nbytes()));
-    enc.set_input_array(a);
-    enc.set_output_array(copy);
-    // the copy runs on the stream, after whatever computes `a`
-    enc.dispatch([a = mx::array::unsafe_weak_copy(a), copy = mx::array::unsafe_weak_copy(copy)]() mutable {
-      copy_strided(a, copy);
-    });
-    enc.add_temporary(copy);
-    ops.push_back(copy);
-  }
+  const std::vector<mx::array> ops = row_contiguous_inputs(inputs, enc);
   const auto& x = ops[0];
   const auto& wq = ops[1];
   const auto& scales = ops[2];

@@ -6,9 +6,39 @@ from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 
+from mmt_mlx import native
 from mmt_mlx.batch_cache import PaddedLayer
 from mmt_mlx.cache import BatchCache
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm whose weight multiplies as is (Llama); on the CPU it is one native node when the kernels load."""
+
+    def __init__(self, dims: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
+    if native.enabled():
+        return native.rms_norm(x, weight, eps)
+    return mx.fast.rms_norm(x, weight, eps)
+
+
+class RoPE(nn.RoPE):
+    """nn.RoPE (half-split or traditional); the half-split form over whole heads is one native node on the CPU."""
+
+    def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
+        if not self.traditional and x.ndim == 4 and x.shape[-1] == self.dims and native.enabled():
+            off = offset if isinstance(offset, mx.array) else mx.array(offset, dtype=mx.int32)
+            return native.rope(x, off, self.dims, self.base, self.scale)
+        return super().__call__(x, offset)
 
 
 def attention_mask(

@@ -9,7 +9,7 @@ import mlx.nn as nn
 import numpy as np
 
 from mmt_mlx.cache import BatchCache, KVCache, SlidingKVCache
-from mmt_mlx.models.base import cached_attention
+from mmt_mlx.models.base import RoPE, cached_attention, rms_norm
 from mmt_mlx.models.checkpoint import (
     COMMON_GGUF_LAYER_NAMES,
     GGUFGetter,
@@ -49,7 +49,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def __call__(self, x: mx.array) -> mx.array:
-        return mx.fast.rms_norm(x, 1.0 + self.weight, self.eps)
+        return rms_norm(x, 1.0 + self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -69,7 +69,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
         base = args.rope_theta if self.window is None else args.rope_local_base_freq
-        self.rope = nn.RoPE(self.head_dim, traditional=False, base=base)
+        self.rope = RoPE(self.head_dim, traditional=False, base=base)
 
     def __call__(self, x: mx.array, cache: KVCache | SlidingKVCache | BatchCache) -> mx.array:
         b, length, _ = x.shape

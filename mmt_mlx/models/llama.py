@@ -9,7 +9,7 @@ import mlx.nn as nn
 import numpy as np
 
 from mmt_mlx.cache import BatchCache, KVCache
-from mmt_mlx.models.base import cached_attention
+from mmt_mlx.models.base import RMSNorm, RoPE, cached_attention
 from mmt_mlx.models.checkpoint import (
     COMMON_GGUF_LAYER_NAMES,
     GGUFGetter,
@@ -51,7 +51,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.v_proj = nn.Linear(args.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=False)
-        self.rope = nn.RoPE(self.head_dim, traditional=False, base=args.rope_theta)
+        self.rope = RoPE(self.head_dim, traditional=False, base=args.rope_theta)
 
     def __call__(self, x: mx.array, cache: KVCache | BatchCache) -> mx.array:
         b, length, _ = x.shape
@@ -77,8 +77,8 @@ class Block(nn.Module):
         super().__init__()
         self.self_attn = Attention(args)
         self.mlp = MLP(args)
-        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.input_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, x: mx.array, cache: KVCache | BatchCache) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), cache)
@@ -91,7 +91,7 @@ class Model(nn.Module):
         self.args = args
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [Block(args) for _ in range(args.num_hidden_layers)]
-        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
