@@ -244,3 +244,27 @@ def test_models_native_nodes_match_mlx_ops(monkeypatch):
         want = np.array(lm.model(tokens))
         monkeypatch.delenv("MMT_NATIVE")
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@needs_native
+def test_decode_attention_matches_mlx_sdpa():
+    """Grouped heads, strided q (transposed) and k/v (cache slices), no mask, a (B,1,1,Lk) and an (Lq, Lk) mask."""
+    rng = np.random.default_rng(12)
+
+    def ref(q, k, v, mask):
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=mask)
+        b, h, n, d = o.shape
+        return np.array(o.transpose(0, 2, 1, 3).reshape(b, n, h * d))
+
+    for b, hq, hkv, lq, lk, d in [(1, 9, 3, 1, 37, 64), (3, 4, 2, 1, 50, 62), (2, 4, 4, 3, 1, 16)]:
+        q = mx.array(rng.normal(size=(b, lq, hq, d)).astype(np.float32)).transpose(0, 2, 1, 3)
+        k = mx.array(rng.normal(size=(b, hkv, lk + 9, d)).astype(np.float32))[..., :lk, :]
+        v = mx.array(rng.normal(size=(b, hkv, lk + 9, d)).astype(np.float32))[..., :lk, :]
+        masks = [
+            None,
+            mx.array(rng.random(size=(b, 1, 1, lk)) > 0.3),
+            mx.array(rng.random(size=(lq, lk)) > 0.3),
+        ]
+        for mask in masks:
+            got = np.array(native.decode_attention(q, k, v, 0.125, mask))
+            np.testing.assert_allclose(got, ref(q, k, v, mask), rtol=1e-5, atol=1e-6)

@@ -6,6 +6,7 @@
 
 #include "affine_kernels.h"
 #include "affine_primitive.h"
+#include "attention.h"
 #include "norm_rope.h"
 #include "mlx/version.h"
 
@@ -21,6 +22,9 @@ NB_MODULE(_native, m) {
         "x * rsqrt(mean(x^2, -1) + eps) * w in one CPU primitive (f32).");
   m.def("rope", &mmt::rope_op, "x"_a, "offset"_a, "dims"_a, "base"_a, "scale"_a, nb::kw_only(),
         "stream"_a = nb::none(), "Half-split RoPE of x (B, H, T, D) at offset[b] + t in one CPU primitive (f32).");
+  m.def("decode_attention", &mmt::decode_attention_op, "q"_a, "k"_a, "v"_a, "scale"_a, "mask"_a = nb::none(),
+        nb::kw_only(), "stream"_a = nb::none(),
+        "softmax(scale q k^T) v for (B, H, L, D) views, grouped KV heads, bool mask; (B, Lq, Hq * D) f32.");
   m.def("set_num_threads", &mmt::set_num_threads, "n"_a, "Threads for the kernels (<= 0: default).");
   m.def("num_threads", &mmt::num_threads);
   m.def("isa", &mmt::isa, "Code path chosen for this CPU: 'avx2+fma+avx512vnni', 'avx2+fma' or 'scalar'.");

@@ -55,8 +55,13 @@ def attention_mask(
     return mask
 
 
+NATIVE_ATTENTION_MAX_QUERIES = 8  # decode steps; longer prefills keep MLX's matmul-based attention
+
+
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None) -> mx.array:
     """(B, H, L, D) attention with grouped KV heads; returns (B, L, H * D)."""
+    if q.shape[2] <= NATIVE_ATTENTION_MAX_QUERIES and native.enabled():
+        return native.decode_attention(q, k, v, scale, mask)
     out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     b, h, length, d = out.shape
     return out.transpose(0, 2, 1, 3).reshape(b, length, h * d)

@@ -1,0 +1,129 @@
+#include "attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+#include <vector>
+
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+
+// GCC on x86 builds an AVX2 clone of the inner loops beside the portable one and picks at load time.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MMT_CLONES __attribute__((target_clones("avx2,fma", "default")))
+#else
+#define MMT_CLONES
+#endif
+
+namespace mmt {
+namespace {
+
+MMT_CLONES float dot(const float* a, const float* b, int n) {
+  float s = 0.f;
+  for (int i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+MMT_CLONES void axpy(float a, const float* x, float* y, int n) {
+  for (int i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+// Strides of a 4-D view with size-1 axes broadcast (stride 0).
+struct View {
+  const char* base;
+  int64_t s[4];
+  View(const mx::array& a) : base(a.data<char>()) {
+    for (int d = 0; d < 4; ++d) s[d] = a.shape(d) == 1 ? 0 : a.strides()[d];
+  }
+};
+
+}  // namespace
+
+mx::array decode_attention_op(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
+                              const std::optional<mx::array>& mask, mx::StreamOrDevice s) {
+  if (q.ndim() != 4 || k.ndim() != 4 || v.ndim() != 4)
+    throw std::invalid_argument("decode_attention: q, k, v must be 4-D (B, H, L, D)");
+  const int B = q.shape(0), Hq = q.shape(1), Lq = q.shape(2), D = q.shape(3);
+  if (k.shape() != v.shape() || k.shape(0) != B || k.shape(3) != D || Hq % k.shape(1) != 0)
+    throw std::invalid_argument("decode_attention: k and v must be (B, Hkv, Lk, D) with Hq % Hkv == 0");
+  auto stream = mx::to_stream(s);
+  std::vector<mx::array> in = {mx::astype(q, mx::float32, stream), mx::astype(k, mx::float32, stream),
+                               mx::astype(v, mx::float32, stream)};
+  if (mask) {
+    auto m = *mask;
+    while (m.ndim() < 4) m = mx::expand_dims(m, 0, stream);
+    m = mx::broadcast_to(mx::astype(m, mx::bool_, stream), {B, 1, Lq, k.shape(2)}, stream);
+    in.push_back(m);
+  }
+  return mx::array({B, Lq, Hq * D}, mx::float32, std::make_shared<DecodeAttention>(stream, scale, bool(mask)),
+                   in);
+}
+
+void DecodeAttention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  for (const auto& a : inputs) enc.set_input_array(a);
+  enc.set_output_array(out);
+  std::vector<mx::array> ins;
+  for (const auto& a : inputs) ins.push_back(mx::array::unsafe_weak_copy(a));
+  enc.dispatch([ins = std::move(ins), out = mx::array::unsafe_weak_copy(out), scale = scale_,
+                masked = masked_]() mutable {
+    const auto &q = ins[0], &k = ins[1], &v = ins[2];
+    const int B = q.shape(0), Hq = q.shape(1), Lq = q.shape(2), D = q.shape(3);
+    const int Hkv = k.shape(1), Lk = k.shape(2), group = Hq / Hkv;
+    const View qv(q), kv(k), vv(v);
+    std::optional<View> mv;
+    if (masked) mv.emplace(ins[3]);
+    // The innermost axis of q/k/v is read contiguously (the model's views all have stride 1 there).
+    if (q.strides()[3] != 1 || k.strides()[3] != 1 || v.strides()[3] != 1)
+      throw std::runtime_error("MmtDecodeAttention: the last axis of q, k and v must be contiguous");
+    float* op = out.data<float>();
+    std::vector<float> p(Lk), acc(D);
+    const float neg_inf = -std::numeric_limits<float>::infinity();
+    for (int b = 0; b < B; ++b) {
+      for (int h = 0; h < Hq; ++h) {
+        const int hk = h / group;
+        const float* kb = reinterpret_cast<const float*>(kv.base) + b * kv.s[0] + hk * kv.s[1];
+        const float* vb = reinterpret_cast<const float*>(vv.base) + b * vv.s[0] + hk * vv.s[1];
+        for (int t = 0; t < Lq; ++t) {
+          const float* qr = reinterpret_cast<const float*>(qv.base) + b * qv.s[0] + h * qv.s[1] + t * qv.s[2];
+          const bool* mr = masked ? reinterpret_cast<const bool*>(mv->base) + b * mv->s[0] + t * mv->s[2] : nullptr;
+          float mx_score = neg_inf;
+          for (int j = 0; j < Lk; ++j) {
+            if (mr && !mr[j * mv->s[3]]) {
+              p[j] = neg_inf;
+              continue;
+            }
+            p[j] = scale * dot(qr, kb + j * kv.s[2], D);
+            mx_score = std::max(mx_score, p[j]);
+          }
+          std::fill(acc.begin(), acc.end(), 0.f);
+          float sum = 0.f;
+          if (mx_score != neg_inf) {
+            for (int j = 0; j < Lk; ++j) {
+              if (p[j] == neg_inf) continue;
+              const float e = std::exp(p[j] - mx_score);
+              sum += e;
+              axpy(e, vb + j * vv.s[2], acc.data(), D);
+            }
+          }
+          float* orow = op + (size_t(b) * Lq + t) * size_t(Hq) * D + size_t(h) * D;
+          const float inv = sum > 0.f ? 1.f / sum : 0.f;
+          for (int d = 0; d < D; ++d) orow[d] = acc[d] * inv;
+        }
+      }
+    }
+  });
+}
+
+void DecodeAttention::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("MmtDecodeAttention runs on the CPU only; GPUs use mx.fast.scaled_dot_product_attention");
+}
+
+bool DecodeAttention::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const DecodeAttention&>(other);
+  return scale_ == o.scale_ && masked_ == o.masked_;
+}
+
+}  // namespace mmt
