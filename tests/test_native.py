@@ -260,11 +260,11 @@ def test_decode_attention_matches_mlx_sdpa():
         q = mx.array(rng.normal(size=(b, lq, hq, d)).astype(np.float32)).transpose(0, 2, 1, 3)
         k = mx.array(rng.normal(size=(b, hkv, lk + 9, d)).astype(np.float32))[..., :lk, :]
         v = mx.array(rng.normal(size=(b, hkv, lk + 9, d)).astype(np.float32))[..., :lk, :]
-        masks = [
-            None,
-            mx.array(rng.random(size=(b, 1, 1, lk)) > 0.3),
-            mx.array(rng.random(size=(lq, lk)) > 0.3),
-        ]
+        m4, m2 = rng.random(size=(b, 1, 1, lk)) > 0.3, rng.random(size=(lq, lk)) > 0.3
+        m4[..., -1] = m2[..., -1] = (
+            True  # every query sees a key (the model's masks always show the diagonal)
+        )
+        masks = [None, mx.array(m4), mx.array(m2)]
         for mask in masks:
             got = np.array(native.decode_attention(q, k, v, 0.125, mask))
             np.testing.assert_allclose(got, ref(q, k, v, mask), rtol=1e-5, atol=1e-6)
