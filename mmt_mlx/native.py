@@ -99,9 +99,7 @@ def rope(x: mx.array, offset: mx.array, dims: int, base: float, scale: float) ->
     return y if x.dtype == mx.float32 else y.astype(x.dtype)
 
 
-def decode_attention(
-    q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None
-) -> mx.array:
+def decode_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None) -> mx.array:
     """softmax(scale q k^T) v for (B, H, L, D) views with grouped KV heads and a bool mask, as one native node
     returning (B, Lq, Hq * D) (MLX's CPU attention is ~12 nodes with the transpose back)."""
     y = _require().decode_attention(q, k, v, scale, mask)
