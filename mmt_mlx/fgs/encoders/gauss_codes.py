@@ -174,11 +174,13 @@ def encode_rotq(
     damp: float = 0.01,
     rotated_h: bool = False,
     factor: np.ndarray | None = None,
+    refit: bool = True,
 ) -> RotQCode:
     """Encode W (rows, cols) with input covariance H (cols, cols) (None: plain rounding, no error feedback).
 
     ``rotated_h``: H is already R H R^T; ``factor``: a precomputed ``inverse_factor`` of the rotated H
-    (layers that share an input share it)."""
+    (layers that share an input share it); ``refit``: re-solve the group scales for the codes chosen
+    (``refit_scales``)."""
     w = np.asarray(w, dtype=np.float32)
     rows, cols = w.shape
     check_layout(cols, bits, group_size)
@@ -189,8 +191,45 @@ def encode_rotq(
     u = factor if factor is not None else (None if hr is None else inverse_factor(hr, damp))
     hdiag = np.ones(cols, np.float32) if hr is None else np.diag(hr).astype(np.float32)
     q, s = round_gptq(wr, u, hdiag, bits, group_size)
+    if hr is not None and refit:
+        s = refit_scales(wr, hr, lloyd_max(bits)[q], s, group_size)
     return RotQCode(rows, cols, bits, group_size, int(seed), lloyd_max(bits).copy(), pack_bits(q, bits),
                     s.astype(np.float16))  # fmt: skip
+
+
+def refit_scales(wr: np.ndarray, hr: np.ndarray, v: np.ndarray, s: np.ndarray, g: int) -> np.ndarray:
+    """Group scales that minimize each row's output error (w - w_hat) H (w - w_hat)^T for fixed code values
+    ``v`` = codebook[q] (rows, cols): per row the (groups x groups) system (C^T H C) s = C^T H w, C holding
+    the row's code values group by group. GPTQ chose each scale before its group's error feedback; the
+    joint solve is the least-squares optimum for the codes it chose. A row keeps its old scales where the
+    new ones (rounded to f16, as stored) are not better."""
+    rows, cols = wr.shape
+    ng = cols // g
+    h = np.asarray(hr, np.float64)
+    hb = h.reshape(cols, ng, g)
+    out = np.array(s, np.float32)
+    for a in range(0, rows, 256):
+        w = np.asarray(wr[a : a + 256], np.float64)
+        vb = np.asarray(v[a : a + 256], np.float64)
+        n = w.shape[0]
+        p = np.einsum("ibj,nbj->nib", hb, vb.reshape(n, ng, g))  # (n, cols, ng): H C per row
+        amat = np.einsum("nai,naib->nab", vb.reshape(n, ng, g), p.reshape(n, ng, g, ng))
+        rhs = ((w @ h) * vb).reshape(n, ng, g).sum(-1)
+        amat += np.eye(ng) * (1e-9 * np.trace(amat, axis1=1, axis2=2) / ng + 1e-30)[:, None, None]
+        try:
+            new = np.linalg.solve(amat, rhs[..., None])[..., 0]
+        except np.linalg.LinAlgError:
+            continue
+        new = np.where(np.isfinite(new), new, 0).astype(np.float16).astype(np.float64)
+        old = out[a : a + n].astype(np.float16).astype(np.float64)
+
+        def err(sc: np.ndarray) -> np.ndarray:
+            d = w - (vb.reshape(n, ng, g) * sc[:, :, None]).reshape(n, cols)
+            return ((d @ h) * d).sum(1)
+
+        better = (err(new) < err(old)) & np.all(new > 0, axis=1)
+        out[a : a + n] = np.where(better[:, None], new, old)
+    return out
 
 
 def inverse_factor(hr: np.ndarray, damp: float = 0.01) -> np.ndarray:
