@@ -200,7 +200,7 @@ def test_cli_bpw_and_its_errors(tiny_gguf, tmp_path, capsys):
 
 def test_scale_refit_lowers_the_weighted_error():
     """Re-solving the group scales for GPTQ's codes never raises a row's output error, and lowers the total."""
-    from mmt_mlx.fgs.encoders.gauss_codes import decode_rotated, lloyd_max, refit_scales
+    from mmt_mlx.fgs.encoders.gauss_codes import decode_rotated, lloyd_max, refit_scales, row_errors
     from mmt_mlx.fgs.encoders.rotation import rotate_weight
 
     rng = np.random.default_rng(3)
@@ -212,12 +212,7 @@ def test_scale_refit_lowers_the_weighted_error():
         wr, hr = rotate_weight(w, 5), rotate_covariance(h, 5)
         v = lloyd_max(bits)[unpack_bits(plain.wq, bits, 192)]
         s = refit_scales(wr, hr, v, plain.scales.astype(np.float32), 64)
-
-        def row_err(scales: np.ndarray) -> np.ndarray:
-            d = wr - (v.reshape(40, 3, 64) * scales[:, :, None]).reshape(40, 192)
-            return ((d @ hr) * d).sum(1)
-
-        before, after = row_err(plain.scales.astype(np.float32)), row_err(s)
+        before, after = row_errors(wr, v, plain.scales.astype(np.float32), hr), row_errors(wr, v, s, hr)
         assert (after <= before * (1 + 1e-9)).all() and after.sum() < 0.99 * before.sum(), bits
         refit = encode_rotq(w, bits, 64, 5, h)  # the default refits
         np.testing.assert_array_equal(refit.scales, s.astype(np.float16))

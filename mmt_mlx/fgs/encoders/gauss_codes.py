@@ -197,6 +197,14 @@ def encode_rotq(
                     s.astype(np.float16))  # fmt: skip
 
 
+def row_errors(w: np.ndarray, v: np.ndarray, scales: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """Per row (w - w_hat) H (w - w_hat)^T with w_hat = code values ``v`` times their group's scale."""
+    n, cols = v.shape
+    ng = scales.shape[1]
+    d = w - (v.reshape(n, ng, cols // ng) * scales[:, :, None]).reshape(n, cols)
+    return ((d @ h) * d).sum(1)
+
+
 def refit_scales(wr: np.ndarray, hr: np.ndarray, v: np.ndarray, s: np.ndarray, g: int) -> np.ndarray:
     """Group scales that minimize each row's output error (w - w_hat) H (w - w_hat)^T for fixed code values
     ``v`` = codebook[q] (rows, cols): per row the (groups x groups) system (C^T H C) s = C^T H w, C holding
@@ -222,12 +230,7 @@ def refit_scales(wr: np.ndarray, hr: np.ndarray, v: np.ndarray, s: np.ndarray, g
             continue
         new = np.where(np.isfinite(new), new, 0).astype(np.float16).astype(np.float64)
         old = out[a : a + n].astype(np.float16).astype(np.float64)
-
-        def err(sc: np.ndarray) -> np.ndarray:
-            d = w - (vb.reshape(n, ng, g) * sc[:, :, None]).reshape(n, cols)
-            return ((d @ h) * d).sum(1)
-
-        better = (err(new) < err(old)) & np.all(new > 0, axis=1)
+        better = (row_errors(w, vb, new, h) < row_errors(w, vb, old, h)) & np.all(new > 0, axis=1)
         out[a : a + n] = np.where(better[:, None], new, old)
     return out
 
