@@ -20,7 +20,7 @@ import mlx.core as mx
 
 from mmt_mlx.cache import KVCache, LayerCache, SlidingKVCache
 
-GROW = 256  # columns added when the buffer is full
+GROW = 64  # columns added when the buffer is full (a regrow copies it: rare enough, little slack)
 
 
 def _stored(cache: LayerCache) -> tuple[mx.array | None, mx.array | None, int]:
@@ -117,6 +117,16 @@ class PaddedBatch:
             c.offset = n
             out.append(c)
         return out
+
+
+def shell(cache: LayerCache) -> LayerCache:
+    """An empty cache of the same kind and position: what a stream keeps while its keys live in the batch's
+    buffer (so the buffer it came from is freed; ``row_caches`` needs only its kind)."""
+    out: LayerCache = (
+        SlidingKVCache(cache.window, cache.slack) if isinstance(cache, SlidingKVCache) else KVCache()
+    )
+    out.offset = cache.offset
+    return out
 
 
 def _pad(a: mx.array, before: int, after: int) -> mx.array:

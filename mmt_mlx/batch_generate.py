@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 
-from mmt_mlx.batch_cache import PaddedBatch
+from mmt_mlx.batch_cache import PaddedBatch, shell
 from mmt_mlx.cache import BatchCache, SlidingKVCache
 from mmt_mlx.constrain import GrammarConstraint
 from mmt_mlx.sample import Sampler
@@ -254,6 +254,8 @@ class BatchGenerator:
         if len(batch) < 2 or any(s.cache[0].offset == 0 for s in batch):
             return None
         self._padded = PaddedBatch(uids, [s.cache for s in batch])
+        for s in batch:  # their keys now live in the buffer: drop the old arrays
+            s.cache = [shell(c) for c in s.cache]
         return self._padded
 
     def _unpad(self, only: _Stream | None = None) -> None:
