@@ -29,6 +29,8 @@ def test_wheel_layout(tmp_path):
                    "mmt_mlx/kernels/circulant_matmul.metal", "mmt_mlx/kernels/circulant_matmul.cu",
                    "mmt_mlx/server/app.py", "mmt_mlx/data/calibration.txt", "mmt_mlx/data/heldout.txt"):  # fmt: skip
         assert needed in names, needed
+    for f in (ROOT / "kernels" / "cpu").iterdir():  # every native kernel source (an .inc forgotten once)
+        assert f"mmt_mlx/kernels/cpu/{f.name}" in names, f
     # every module of the package tree (pyproject lists the subpackages one by one)
     for f in (ROOT / "mmt_mlx").rglob("*.py"):
         assert f.relative_to(ROOT).as_posix() in names, f
