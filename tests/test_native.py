@@ -151,13 +151,33 @@ def test_fgs_layers_use_native_and_match_ops(monkeypatch):
     rng = np.random.default_rng(7)
     code = TensorCode((50, 96), [_code(rng, 50, 96, 3, 32)])
     lin, emb = FGSLinear(code, use_kernel=False), FGSEmbedding(code, use_kernel=False)
-    x = mx.array(rng.normal(size=(1, 4, 96)).astype(np.float32))
+    x64 = rng.normal(size=(1, 4, 96)).astype(np.float32)
+    x = mx.array(x64)
     assert native.enabled()
     y_native, head_native = np.array(lin(x)), np.array(emb.as_linear(x))
     monkeypatch.setenv("MMT_NATIVE", "0")
     assert not native.enabled()
-    np.testing.assert_allclose(y_native, np.array(lin(x)), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(head_native, np.array(emb.as_linear(x)), rtol=1e-4, atol=1e-5)
+    atol = 1e-5 + _int_bound(code.levels[0], x64.reshape(4, 96)).max()  # x rounded to int16 per group
+    np.testing.assert_allclose(y_native, np.array(lin(x)), rtol=1e-4, atol=atol)
+    np.testing.assert_allclose(head_native, np.array(emb.as_linear(x)), rtol=1e-4, atol=atol)
+
+
+@needs_native
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+def test_integer_path_is_exact_on_its_grid(bits: int):
+    """x already on the int16 grid (each group's max exactly 1): the integer kernels' only rounding is gone, so
+    they must equal the float64 product (catches any mismatch between the code and x layouts)."""
+    rng = np.random.default_rng(20 + bits)
+    for group, cols in [(32, 128), (64, 128), (128, 256)]:
+        c = _code(rng, 9, cols, bits, group)
+        for tokens in (1, 3, 8, 11):
+            xi = rng.integers(-32767, 32768, size=(tokens, cols))
+            xi[:, ::group] = 32767
+            x = (xi / 32767.0).astype(np.float32)
+            want = x.astype(np.float64) @ _dense(c).T
+            got = np.array(native.quant_matmul(mx.array(x), mx.array(c.wq), mx.array(c.scales), mx.array(c.biases),
+                                               group, bits))  # fmt: skip
+            assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), (group, tokens)
 
 
 def test_absent_extension_falls_back_to_mlx_ops(monkeypatch, capsys):

@@ -180,8 +180,11 @@ void prepare_int_x(const float* x, int cols, int group, int bits, IntX& q) {
       if (bits == 4) {
         const int c = j / 32, k = j % 32;  // value k of chunk c: even ones first, then odd ones
         q.v[size_t(c) * 32 + (k % 2) * 16 + k / 2] = v;
-      } else {
+      } else if (bits == 8) {
         q.v[j] = v;
+      } else {  // chunks of 16 in unpack16_i16's order [0-3, 8-11, 4-7, 12-15]
+        const int c = j / 16, k = j % 16;
+        q.v[size_t(c) * 16 + (k < 4 || k >= 12 ? k : k < 8 ? k + 4 : k - 4)] = v;
       }
     }
   }
@@ -308,8 +311,15 @@ template <int NR>
 IntDotRows pick_int_dot_rows(int bits) {
 #ifdef MMT_X86
   if (use_avx2() && !std::getenv("MMT_NATIVE_FLOAT")) {
-    if (bits == 4) return use_vnni() ? vnni::dot_rows_int<4, NR> : avx2::dot_rows_int<4, NR>;
-    if (bits == 8) return use_vnni() ? vnni::dot_rows_int<8, NR> : avx2::dot_rows_int<8, NR>;
+    const bool v = use_vnni();
+    switch (bits) {
+      case 2: return v ? vnni::dot_rows_int<2, NR> : avx2::dot_rows_int<2, NR>;
+      case 3: return v ? vnni::dot_rows_int<3, NR> : avx2::dot_rows_int<3, NR>;
+      case 4: return v ? vnni::dot_rows_int<4, NR> : avx2::dot_rows_int<4, NR>;
+      case 5: return v ? vnni::dot_rows_int<5, NR> : avx2::dot_rows_int<5, NR>;
+      case 6: return v ? vnni::dot_rows_int<6, NR> : avx2::dot_rows_int<6, NR>;
+      case 8: return v ? vnni::dot_rows_int<8, NR> : avx2::dot_rows_int<8, NR>;
+    }
   }
 #endif
   (void)bits;
@@ -379,8 +389,14 @@ RowTokens pick_row_tokens(int bits, int nt) {
 #ifdef MMT_X86
   if (use_avx2() && !std::getenv("MMT_NATIVE_FLOAT")) {
     const bool v = use_vnni();
-    if (bits == 4) return v ? row_tokens_kernel<4, true>(nt) : row_tokens_kernel<4, false>(nt);
-    if (bits == 8) return v ? row_tokens_kernel<8, true>(nt) : row_tokens_kernel<8, false>(nt);
+    switch (bits) {
+      case 2: return v ? row_tokens_kernel<2, true>(nt) : row_tokens_kernel<2, false>(nt);
+      case 3: return v ? row_tokens_kernel<3, true>(nt) : row_tokens_kernel<3, false>(nt);
+      case 4: return v ? row_tokens_kernel<4, true>(nt) : row_tokens_kernel<4, false>(nt);
+      case 5: return v ? row_tokens_kernel<5, true>(nt) : row_tokens_kernel<5, false>(nt);
+      case 6: return v ? row_tokens_kernel<6, true>(nt) : row_tokens_kernel<6, false>(nt);
+      case 8: return v ? row_tokens_kernel<8, true>(nt) : row_tokens_kernel<8, false>(nt);
+    }
   }
 #endif
   (void)bits, (void)nt;
