@@ -288,3 +288,19 @@ def test_decode_attention_matches_mlx_sdpa():
         for mask in masks:
             got = np.array(native.decode_attention(q, k, v, 0.125, mask))
             np.testing.assert_allclose(got, ref(q, k, v, mask), rtol=1e-5, atol=1e-6)
+
+
+@needs_native
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+def test_one_token_equals_its_row_of_a_batch(bits: int):
+    """Bit for bit: a token alone and the same token in a 2-8 token batch (a continuous batch's step) get the
+    same product, so a request's greedy tokens do not depend on who it is batched with."""
+    rng = np.random.default_rng(40 + bits)
+    c = _code(rng, 70, 192, bits, 64)
+    wq, s16, b16 = mx.array(c.wq), mx.array(c.scales), mx.array(c.biases)
+    x = rng.normal(size=(8, 192)).astype(np.float32)
+    for n in (2, 5, 8):
+        batch = np.array(native.quant_matmul(mx.array(x[:n]), wq, s16, b16, 64, bits))
+        for i in range(n):
+            alone = np.array(native.quant_matmul(mx.array(x[i : i + 1]), wq, s16, b16, 64, bits))
+            np.testing.assert_array_equal(alone[0], batch[i])

@@ -311,11 +311,18 @@ template <int NR>
 IntDotRows pick_int_dot_rows(int bits) {
 #ifdef MMT_X86
   if (use_avx2() && !std::getenv("MMT_NATIVE_FLOAT")) {
-    // One token: 2/3/5/6-bit codes stay on the float path, which measured faster for them alone (the
-    // shift-and-pack unpack costs more than it saves without several tokens to share it).
+    // Every width takes the integer path for one token too, although the float path measured ~20% faster
+    // alone for 5-bit codes: a request must get the same logits alone as in a continuous batch (the same
+    // int16 x and int32 group sums in both kernels), or greedy streams drift apart after a near-tie.
     const bool v = use_vnni();
-    if (bits == 4) return v ? vnni::dot_rows_int<4, NR> : avx2::dot_rows_int<4, NR>;
-    if (bits == 8) return v ? vnni::dot_rows_int<8, NR> : avx2::dot_rows_int<8, NR>;
+    switch (bits) {
+      case 2: return v ? vnni::dot_rows_int<2, NR> : avx2::dot_rows_int<2, NR>;
+      case 3: return v ? vnni::dot_rows_int<3, NR> : avx2::dot_rows_int<3, NR>;
+      case 4: return v ? vnni::dot_rows_int<4, NR> : avx2::dot_rows_int<4, NR>;
+      case 5: return v ? vnni::dot_rows_int<5, NR> : avx2::dot_rows_int<5, NR>;
+      case 6: return v ? vnni::dot_rows_int<6, NR> : avx2::dot_rows_int<6, NR>;
+      case 8: return v ? vnni::dot_rows_int<8, NR> : avx2::dot_rows_int<8, NR>;
+    }
   }
 #endif
   (void)bits;
