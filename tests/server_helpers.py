@@ -59,6 +59,17 @@ class LiveServer:
         self.thread.join(15)
 
 
+def serve_module(model_factory: Callable[[], Any]) -> Iterator[LiveServer]:
+    """The body of a module-scoped ``live`` fixture: ``yield from serve_module(factory)``."""
+    from mmt_mlx.server.app import create_app
+
+    s = LiveServer(create_app(model_factory))
+    try:
+        yield s
+    finally:
+        s.close()
+
+
 def slowed(delay: float) -> Callable[..., Iterator[GenerationChunk]]:
     """generate_request, but each token takes at least `delay` seconds (to hold the worker busy)."""
 

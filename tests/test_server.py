@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 from mmt_mlx.server.app import create_app
-from server_helpers import LiveServer
+from server_helpers import LiveServer, serve_module
 
 from mmt_mlx.generate import stream_generate
 from mmt_mlx.sample import SamplingParams
@@ -29,9 +29,7 @@ def lm():
 
 @pytest.fixture(scope="module")
 def live():
-    s = LiveServer(create_app(tiny_model))
-    yield s
-    s.close()
+    yield from serve_module(tiny_model)
 
 
 @pytest.fixture(scope="module")

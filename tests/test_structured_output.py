@@ -12,9 +12,8 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from mmt_mlx.server.app import create_app
 from openai.types.chat import ChatCompletionMessageToolCall
-from server_helpers import LiveServer
+from server_helpers import serve_module
 
 from mmt_mlx.testing import tiny_model
 
@@ -28,9 +27,7 @@ def _model():
 
 @pytest.fixture(scope="module")
 def live():
-    s = LiveServer(create_app(_model))
-    yield s
-    s.close()
+    yield from serve_module(_model)
 
 
 @pytest.fixture(scope="module")
