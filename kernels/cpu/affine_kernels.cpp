@@ -263,6 +263,12 @@ bool use_vnni() {
 #endif
 }
 
+// The integer kernels, unless MMT_NATIVE_FLOAT=1 asks for the AVX2 float path (read once, not per product).
+bool use_int_kernels() {
+  static const bool ok = use_avx2() && !std::getenv("MMT_NATIVE_FLOAT");
+  return ok;
+}
+
 // Computes rows r and r + 1 (pair) or row r alone; the scalar code does the same row by row.
 using DotRows = void (*)(const AffineWeights&, const uint8_t* const*, int, const float*, const float*, float*);
 
@@ -310,7 +316,7 @@ using IntDotRows = void (*)(const AffineWeights&, const uint8_t* const*, int, co
 template <int NR>
 IntDotRows pick_int_dot_rows(int bits) {
 #ifdef MMT_X86
-  if (use_avx2() && !std::getenv("MMT_NATIVE_FLOAT")) {
+  if (use_int_kernels()) {
     // Every width takes the integer path for one token too, although the float path measured ~20% faster
     // alone for 5-bit codes: a request must get the same logits alone as in a continuous batch (the same
     // int16 x and int32 group sums in both kernels), or greedy streams drift apart after a near-tie.
@@ -390,7 +396,7 @@ RowTokens row_tokens_kernel(int nt) {
 // The integer kernel for 2..kMaxIntTokens tokens of these codes on this CPU, or nullptr.
 RowTokens pick_row_tokens(int bits, int nt) {
 #ifdef MMT_X86
-  if (use_avx2() && !std::getenv("MMT_NATIVE_FLOAT")) {
+  if (use_int_kernels()) {
     const bool v = use_vnni();
     switch (bits) {
       case 2: return v ? row_tokens_kernel<2, true>(nt) : row_tokens_kernel<2, false>(nt);
