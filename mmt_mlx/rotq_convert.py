@@ -7,6 +7,8 @@
 3. Budget: the byte budget is B x parameters / 8 minus what is stored raw; every tensor starts at the fewest
    bits and the step with the most predicted KL saved per byte is bought until the budget is spent.
 4. Encoding: each tensor at its width with GPTQ in the rotated basis; the real errors go in the report.
+5. Optionally (``--distill STEPS``, ``rotq_distill``): the group scales tuned against the dense model's
+   next-token distribution on the calibration chunks, codes fixed.
 """
 
 from __future__ import annotations
@@ -125,6 +127,7 @@ def encode_bpw(
     damp: float = 0.01,
     embed_gptq: bool = True,
     preset: str | None = None,
+    distill_steps: int = 0,
 ) -> dict:
     """Encode every 2-D weight as a rotq level so the stored model has <= ``bpw`` bits per weight."""
     from tqdm import tqdm
@@ -193,12 +196,28 @@ def encode_bpw(
         err = output_error(w, decode_rotq(code), h)
         codes[n] = TensorCode(tuple(w.shape), [code], [err], None)
         it["err"], it["bits"] = err, choice[n]
+    t_enc = time.perf_counter() - t0
+    distilled = None
+    if distill_steps > 0:  # 5. optional: the group scales tuned against the dense model's distribution
+        from mmt_mlx.rotq_distill import distill_scales
+
+        distilled = distill_scales(
+            lambda: model_from_source(src, source_name or "source").model, codes, chunks, distill_steps,
+            progress=progress,
+        )  # fmt: skip
+        for n, w in matrices.items():  # the report states the errors of the stored codes
+            _, h = _tensor_cov(n, keys, covs)
+            codes[n].errors = [output_error(w, decode_rotq(codes[n].levels[0]), h)]
+            items[n]["err"] = codes[n].errors[0]
     report = rotq_report(
         src, codes, raw, items, kl, bpw, preset, time.perf_counter() - t0, t_cal, source_name
     )
+    if distilled is not None:
+        report["distill"] = distilled
     report["calibration_tokens"] = sum(len(c) for c in chunks)
     report["stage_seconds"] = {"covariances_and_probe_codes": round(t_cov, 1), "sensitivity": round(t_cal - t_cov, 1),
-                               "screening": round(t_screen - t_cal, 1), "encoding": round(report["seconds"] - t_screen, 1)}  # fmt: skip
+                               "screening": round(t_screen - t_cal, 1), "encoding": round(t_enc - t_screen, 1),
+                           "distillation": round(report["seconds"] - t_enc, 1)}  # fmt: skip
     return codes, raw, report
 
 

@@ -100,6 +100,52 @@ def test_f16_scales_are_read_as_stored(bits: int):
 
 
 @needs_native
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+@pytest.mark.parametrize("group", SUPPORTED_GROUPS)
+def test_dequantize_equals_mlx_dequantize(bits: int, group: int):
+    """The long-prompt tile decoder: bit-identical to MLX's dequantize (f32 scales) and to the f16 scales
+    read as stored, on awkward row counts, a row slice of a larger matrix, both thread counts."""
+    rng = np.random.default_rng(bits * 7 + group)
+    for rows, ngroups in [(1, 1), (5, 3), (37, 2)]:
+        c = _code(rng, rows, ngroups * group, bits, group)
+        wq, s, b = _arrays(c)
+        want = np.array(mx.dequantize(wq, s, b, group_size=group, bits=bits))
+        np.testing.assert_allclose(want, _dense(c), rtol=1e-6, atol=1e-7)
+        for threads in (1, 2):
+            native.set_threads(threads)
+            np.testing.assert_array_equal(np.array(native.dequantize(wq, s, b, group, bits)), want)
+            s16, b16 = mx.array(c.scales), mx.array(c.biases)
+            np.testing.assert_array_equal(np.array(native.dequantize(wq, s16, b16, group, bits)), want)
+            if rows > 2:
+                got = np.array(native.dequantize(wq[1:-1], s16[1:-1], b16[1:-1], group, bits))
+                np.testing.assert_array_equal(got, want[1:-1])
+        native.set_threads(0)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        native.dequantize(wq, s[:, :1] if s.shape[1] > 1 else s[:0], b, group, bits)
+
+
+@needs_native
+def test_long_prompt_takes_native_tiles_and_matches_ops(monkeypatch):
+    """Over NATIVE_MAX_TOKENS tokens the quant level decodes row tiles natively (f16 scales, no f32 copy)
+    and runs the GEMM: the same as the MLX-ops path to float rounding."""
+    from mmt_mlx.fgs.runtime.layers import NATIVE_MAX_TOKENS
+
+    rng = np.random.default_rng(11)
+    code = TensorCode((70, 192), [_code(rng, 70, 192, 6, 64)])
+    lin = FGSLinear(code, use_kernel=False)
+    x = mx.array(rng.normal(size=(1, NATIVE_MAX_TOKENS + 9, 192)).astype(np.float32))
+    calls = []
+    real = native.dequantize
+    monkeypatch.setattr(native, "dequantize", lambda *a: calls.append(a[4]) or real(*a))
+    y = np.array(lin(x))
+    assert calls == [6] and lin.levels[0]._ops_copy.pair is None
+    monkeypatch.setenv("MMT_NATIVE", "0")
+    want = x.astype(mx.float32) @ mx.array(_dense(code.levels[0]).astype(np.float32)).T
+    np.testing.assert_allclose(y, np.array(lin(x)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y, np.array(want), rtol=1e-4, atol=1e-4)
+
+
+@needs_native
 def test_leading_dims_dtype_and_graph_transforms():
     rng = np.random.default_rng(5)
     c = _code(rng, 40, 128, 4, 64)
@@ -138,12 +184,44 @@ def test_scalar_fallback_path_agrees():
         "        want = x.astype(np.float64) @ _dense(c).T\n"
         "        got = np.array(native.quant_matmul(mx.array(x), wq, s, b, 32, bits))\n"
         "        assert np.abs(got - want).max() < 2e-5 * np.abs(want).max(), bits\n"
+        "    deq = np.array(native.dequantize(wq, s, b, 32, bits))\n"
+        "    assert np.array_equal(deq, np.array(mx.dequantize(wq, s, b, group_size=32, bits=bits))), bits\n"
         "print('ok')\n"
     )
     env = {**os.environ, "MMT_NATIVE_ISA": "scalar"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+@needs_native
+def test_split_one_token_product_is_bit_identical(tmp_path):
+    """A one-token product split over two threads (what a vocabulary head gets) equals the unsplit one bit for
+    bit (MMT_SPLIT_MATVEC is read once per process, so the split runs in a fresh one)."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(1, 256)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    want = {}
+    for bits in SUPPORTED_BITS:
+        c = _code(np.random.default_rng(bits), 301, 256, bits, 64)
+        want[bits] = np.array(native.quant_matmul(mx.array(x), *_arrays(c), 64, bits))
+    code = (
+        "import sys, numpy as np, mlx.core as mx, mmt_mlx\n"
+        "from mmt_mlx import native\n"
+        "from tests.test_native import _code, _arrays\n"
+        "from mmt_mlx.fgs.encoders.quant import SUPPORTED_BITS\n"
+        "x = mx.array(np.load(sys.argv[1] + '/x.npy'))\n"
+        "for bits in SUPPORTED_BITS:\n"
+        "    c = _code(np.random.default_rng(bits), 301, 256, bits, 64)\n"
+        "    np.save(f'{sys.argv[1]}/y{bits}.npy', np.array(native.quant_matmul(x, *_arrays(c), 64, bits)))\n"
+    )
+    env = {**os.environ, "MMT_SPLIT_MATVEC": "1000", "MMT_THREADS": "2"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, cwd=root, capture_output=True,
+                         text=True)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    for bits in SUPPORTED_BITS:
+        np.testing.assert_array_equal(np.load(tmp_path / f"y{bits}.npy"), want[bits])
 
 
 @needs_native

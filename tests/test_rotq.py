@@ -217,3 +217,44 @@ def test_scale_refit_lowers_the_weighted_error():
         refit = encode_rotq(w, bits, 64, 5, h)  # the default refits
         np.testing.assert_array_equal(refit.scales, s.astype(np.float16))
         assert np.allclose(decode_rotated(refit), v * np.repeat(s, 64, axis=1), rtol=1e-3, atol=1e-6)
+
+
+def test_distilled_scales_lower_the_kl_and_keep_the_format(tiny_gguf, tmp_path):
+    """The student (codes fixed, group gains trained) starts as the stored model; distillation lowers its KL
+    from the dense model on the training windows and writes f16 scales the runtime loads."""
+    from mmt_mlx.build import load_fgs, model_from_source
+    from mmt_mlx.convert import convert_bpw
+    from mmt_mlx.locate import load_source
+    from mmt_mlx.rotq_distill import _students, distill_scales
+
+    _, src = load_source(tiny_gguf["llama"][0])
+    out = tmp_path / "plain"
+    convert_bpw(src, out, 2.5, progress=False, calib_tokens=512)
+    _, codes, _ = fgs_format.load_fgs_model(out)
+    x = mx.array([[5, 17, 300, 2, 41, 9]])
+    # at zero gain the student's logits are the stored model's
+    student = model_from_source(src, "s").model
+    _students(student, codes)
+    stored = load_fgs(out, "rot").model
+    want = stored(x, stored.make_cache())
+    np.testing.assert_allclose(
+        np.array(student(x, student.make_cache())), np.array(want), rtol=1e-3, atol=1e-3
+    )
+    before = {k: tc.levels[0].scales.copy() for k, tc in codes.items()}
+    rng = np.random.default_rng(0)
+    chunks = [[1] + rng.integers(2, 49152, size=64).tolist() for _ in range(2)]
+    info = distill_scales(lambda: model_from_source(src, "d").model, codes, chunks, 24, lr=3e-3, seq=64,
+                          progress=False)  # fmt: skip
+    assert info["kl_after"] < 0.9 * info["kl_before"], info
+    assert all(tc.levels[0].scales.dtype == np.float16 for tc in codes.values())
+    assert any(not np.array_equal(before[k], tc.levels[0].scales) for k, tc in codes.items())
+    # through convert: the report says what distillation did, the file loads and runs
+    d = tmp_path / "distilled"
+    report = convert_bpw(src, d, 2.5, progress=False, calib_tokens=512, distill_steps=3)
+    assert report["distill"]["steps"] == 3 and "distillation" in report["stage_seconds"]
+    lm = load_fgs(d, "rot")
+    assert bool(mx.all(mx.isfinite(lm.model(x, lm.model.make_cache()))))
+    from mmt_mlx.cli import main
+
+    assert main(["convert", tiny_gguf["llama"][0], "-o", str(tmp_path / "e"), "--distill", "5"]) == 1
+    assert not (tmp_path / "e").exists()

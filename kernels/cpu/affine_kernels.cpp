@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cmath>
+#include <limits>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -335,6 +336,21 @@ IntDotRows pick_int_dot_rows(int bits) {
   return nullptr;
 }
 
+// One-token products of at least this many weights are split over the pool (MMT_SPLIT_MATVEC, weights; 0: never).
+// Measured 2026-12-03 (2 cores): Gemma 3's 262,144 x 640 head split gives decode +19%; SmolLM2's 49,152 x 576
+// head split gave nothing or less (a smaller product, and the graph builder may still share the core).
+constexpr size_t kSplitMatvecWeights = size_t(64) << 20;
+
+size_t split_matvec_weights() {
+  static const size_t n = [] {
+    const char* env = std::getenv("MMT_SPLIT_MATVEC");
+    if (!env || !*env) return kSplitMatvecWeights;
+    const long long v = std::atoll(env);
+    return v > 0 ? size_t(v) : std::numeric_limits<size_t>::max();
+  }();
+  return n;
+}
+
 void matvec(const AffineWeights& w, const RowReader& rd, const float* x, float* y, int nthreads) {
   const int ng = w.cols / w.group;
   // per-thread scratch reused across calls; the workers below reach the caller's copies through these refs
@@ -351,10 +367,29 @@ void matvec(const AffineWeights& w, const RowReader& rd, const float* x, float* 
   }
   // One token runs on the calling thread: in the decode loop the other core is building the next step's graph
   // (mx.async_eval), and a worker sharing that core stalls the product (measured on SmolLM2, 2 cores: 30-38
-  // tok/s with 2 threads, 35 with only the LM head split, 40-43 with one thread).
-  (void)nthreads;
+  // tok/s with 2 threads, 35 with only the LM head split, 40-43 with one thread). Only a vocabulary head far
+  // larger than the rest is split: it runs last, when the builder is idle.
   const IntDotRows idot4 = pick_int_dot_rows<4>(w.bits), idot1 = pick_int_dot_rows<1>(w.bits);
   int r = 0;
+  if (idot4 && nthreads > 1 && size_t(w.rows) * w.cols >= split_matvec_weights()) {
+    // a very large matrix (a vocabulary head): the graph builder is idle by the time it runs, split its rows
+    prepare_int_x(x, w.cols, w.group, w.bits, qx);
+    constexpr int kRowsPerChunk = 256;
+    const int nchunks = (w.rows + kRowsPerChunk - 1) / kRowsPerChunk;
+    parallel_for(nchunks, nthreads, [&](int c) {
+      const int r1 = std::min(w.rows, (c + 1) * kRowsPerChunk);
+      int q = c * kRowsPerChunk;
+      for (; q + 4 <= r1; q += 4) {
+        const uint8_t* rows[4] = {rd.row(q), rd.row(q + 1), rd.row(q + 2), rd.row(q + 3)};
+        idot4(w, rows, q, qx, xsum.data(), y + q);
+      }
+      for (; q < r1; ++q) {
+        const uint8_t* row[1] = {rd.row(q)};
+        idot1(w, row, q, qx, xsum.data(), y + q);
+      }
+    });
+    return;
+  }
   if (idot4) {  // integer path: four rows share each load of x
     prepare_int_x(x, w.cols, w.group, w.bits, qx);
     for (; r + 4 <= w.rows; r += 4) {
@@ -480,6 +515,28 @@ int num_threads() { return g_threads > 0 ? g_threads : default_threads(); }
 
 const char* isa() { return use_vnni() ? "avx2+fma+avx512vnni" : use_avx2() ? "avx2+fma" : "scalar"; }
 
+
+void affine_dequantize(const AffineWeights& w, float* out) {
+  if (w.rows == 0) return;
+  const RowReader rd(w);
+  constexpr int kRowsPerChunk = 16;
+  const int nchunks = (w.rows + kRowsPerChunk - 1) / kRowsPerChunk;
+  const bool avx2 = use_avx2();
+  (void)avx2;
+  parallel_for(nchunks, num_threads(), [&](int c) {
+    const int r1 = std::min(w.rows, (c + 1) * kRowsPerChunk);
+    for (int r = c * kRowsPerChunk; r < r1; ++r) {
+      float* o = out + size_t(r) * w.cols;
+#ifdef MMT_X86
+      if (avx2) {
+        dequant_row_avx2(w, rd.row(r), r, o);
+        continue;
+      }
+#endif
+      dequant_row_scalar(w, rd.row(r), r, o);
+    }
+  });
+}
 
 void affine_matmul(const AffineWeights& w, const float* x, float* y, int tokens) {
   if (w.rows == 0 || tokens == 0) return;

@@ -52,6 +52,9 @@ struct AffineWeights {
 // thread in a fixed order, so results do not depend on the thread count.
 void affine_matmul(const AffineWeights& w, const float* x, float* y, int tokens);
 
+// out (rows, cols) = W as f32 (a long prompt's tile, then the BLAS GEMM): rows shared out by the pool.
+void affine_dequantize(const AffineWeights& w, float* out);
+
 // Threads used by the kernels (default: MMT_THREADS or the number of cores); n <= 0 restores the default.
 void set_num_threads(int n);
 int num_threads();

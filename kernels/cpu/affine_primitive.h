@@ -27,4 +27,23 @@ class AffineMatmul : public mx::UnaryPrimitive {
   int bits_;
 };
 
+// W (rows, cols) as f32 from MLX's affine layout (f16 or f32 scales and biases).
+mx::array affine_dequantize_op(const mx::array& wq, const mx::array& scales, const mx::array& biases,
+                               int group_size, int bits, mx::StreamOrDevice s = {});
+
+class AffineDequantize : public mx::UnaryPrimitive {
+ public:
+  AffineDequantize(mx::Stream stream, int group_size, int bits)
+      : mx::UnaryPrimitive(stream), group_size_(group_size), bits_(bits) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  const char* name() const override { return "MmtAffineDequantize"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+
+ private:
+  int group_size_;
+  int bits_;
+};
+
 }  // namespace mmt

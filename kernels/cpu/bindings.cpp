@@ -18,6 +18,9 @@ NB_MODULE(_native, m) {
   m.def("affine_matmul", &mmt::affine_matmul_op, "x"_a, "wq"_a, "scales"_a, "biases"_a, "group_size"_a,
         "bits"_a, nb::kw_only(), "stream"_a = nb::none(),
         "y = x @ W.T for W in MLX's affine layout (f32 result), computed by the native CPU kernel.");
+  m.def("affine_dequantize", &mmt::affine_dequantize_op, "wq"_a, "scales"_a, "biases"_a, "group_size"_a,
+        "bits"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "W (rows, cols) as f32 from MLX's affine layout, by the native CPU kernel (a long prompt's GEMM tile).");
   m.def("rms_norm", &mmt::rms_norm_op, "x"_a, "w"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none(),
         "x * rsqrt(mean(x^2, -1) + eps) * w in one CPU primitive (f32).");
   m.def("rope", &mmt::rope_op, "x"_a, "offset"_a, "dims"_a, "base"_a, "scale"_a, nb::kw_only(),

@@ -132,9 +132,13 @@ class QuantLevel(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         # native CPU kernel (mmt_mlx/native.py) for decode and small batches; a long prefill goes through
-        # dequantized row tiles and OpenBLAS's GEMM (ops.quant_matmul), measured 20-30% faster at pp256
-        if native.enabled() and x.size <= NATIVE_MAX_TOKENS * x.shape[-1]:
-            return native.quant_matmul(x, self.wq, self.scales, self.biases, self.group_size, self.bits)
+        # row tiles dequantized by the native kernel and OpenBLAS's GEMM (ops.quant_matmul): 20-30% faster
+        # than the integer kernel at pp256, and MLX's own scalar dequantize would cost more than the GEMM
+        if native.enabled():
+            if x.size <= NATIVE_MAX_TOKENS * x.shape[-1]:
+                return native.quant_matmul(x, self.wq, self.scales, self.biases, self.group_size, self.bits)
+            args = (self.wq, self.scales, self.biases, self.group_size, self.bits)
+            return ops.quant_matmul(x, *args, tile_decoder=native.dequantize)
         s, b = self._ops_scales()
         return ops.quant_matmul(x, self.wq, s, b, self.group_size, self.bits)
 

@@ -16,6 +16,7 @@ Speed notes (MLX 0.32 on Linux CPU, measured; see bench/fgs_ops.py):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -225,11 +226,14 @@ def quant_matmul(
     biases: mx.array,
     group_size: int,
     bits: int,
+    tile_decoder: Callable[..., mx.array] | None = None,
 ) -> mx.array:
     """y = W @ x for an MLX-affine quantized level; x (..., cols) -> (..., rows).
 
     GPU backends: ``mx.quantized_matmul``. CPU: quantized_matmul for a token or two, else row tiles
     dequantized into f32 (at most ``_TEMP_ELEMS`` weights each) times x through the f32 GEMM.
+    ``tile_decoder(wq, scales, biases, group_size, bits)`` -> f32 tile replaces MLX's dequantize (the native
+    CPU kernel's, which also reads f16 scales as stored).
     """
     xf, lead = _flatten(x)
     t, cols = xf.shape
@@ -246,9 +250,11 @@ def quant_matmul(
         wq_t = wq[r0 : r0 + tile]
         if outs:  # MLX would otherwise dequantize every tile before the first product: serialize them
             wq_t = mx.depends(wq_t, outs[-1])
-        w = dequantize_rows(
-            wq_t, scales[r0 : r0 + tile], biases[r0 : r0 + tile], group_size, bits, mx.float32
-        )
+        st, bt = scales[r0 : r0 + tile], biases[r0 : r0 + tile]
+        if tile_decoder is not None:
+            w = tile_decoder(wq_t, st, bt, group_size, bits)
+        else:
+            w = dequantize_rows(wq_t, st, bt, group_size, bits, mx.float32)
         outs.append(xc @ w.T)
     y = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
     return y.astype(x.dtype).reshape(*lead, rows)

@@ -1,0 +1,185 @@
+"""Distillation of rotq group scales: tune the codes' continuous part against the dense model (opt-in).
+
+GPTQ fixes every code index and each row's scales layer by layer, against that layer's own output error. What
+the model's next-token distribution loses is only measured at the end. Here the code indices stay fixed and
+each group scale gets a trainable gain, s = s0 (1 + a), a = 0 at the start. The gains are fitted by Adam to
+minimise KL(dense || coded) of the next-token distributions on the calibration chunks, through the whole
+network at once. This is the idea of mlx-lm's DWQ, applied to rotated Gaussian codes. The file format does
+not change: the tuned scales are stored as f16 like the old ones.
+
+The student decodes each weight once as unit codes, codebook[q], in f32. It applies the scales per step and
+rotates each layer's input like the runtime (``rotq_layer``). The teacher is the dense source model,
+evaluated on the fly so no (tokens, vocab) table is kept.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_unflatten
+
+from mmt_mlx import native
+from mmt_mlx.fgs.codes import RotQCode, TensorCode
+from mmt_mlx.fgs.encoders.quant import unpack_bits
+from mmt_mlx.fgs.runtime.rotq_layer import Rotation
+
+
+class _StudentCode(nn.Module):
+    """W = (codebook[q] * s0 (1 + gain)) R, with only ``gain`` (rows, groups) trainable."""
+
+    def __init__(self, code: RotQCode) -> None:
+        super().__init__()
+        q = unpack_bits(code.wq, code.bits, code.cols)
+        self.unit = mx.array(np.asarray(code.codebook, np.float32)[q])  # (rows, cols)
+        self.s0 = mx.array(np.asarray(code.scales, np.float32))
+        self.gain = mx.zeros(self.s0.shape, mx.float32)
+        self.group = code.group_size
+        self._rot = Rotation(code.cols, code.seed)
+
+    def rotated_weight(self, rows: mx.array | None = None) -> mx.array:
+        unit = self.unit if rows is None else mx.take(self.unit, rows, axis=0)
+        s = self.s0 * (1.0 + self.gain)
+        s = s if rows is None else mx.take(s, rows, axis=0)
+        n, c = unit.shape
+        return (unit.reshape(n, -1, self.group) * s[:, :, None]).reshape(n, c)
+
+    def rotate(self, x: mx.array) -> mx.array:
+        f = mx.fft.rfft(x.astype(mx.float32) * self._rot.signs, axis=-1)
+        return mx.fft.irfft(f * self._rot.phase, n=self._rot.n, axis=-1)
+
+    def tuned_scales(self) -> np.ndarray:
+        return np.asarray((self.s0 * (1.0 + self.gain)).astype(mx.float16))
+
+
+class _StudentLinear(nn.Module):
+    def __init__(self, code: RotQCode, bias: mx.array | None) -> None:
+        super().__init__()
+        self.code = _StudentCode(code)
+        if bias is not None:
+            self.bias = bias
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.code.rotate(x) @ self.code.rotated_weight().T
+        return y + self.bias if "bias" in self else y
+
+
+class _StudentEmbedding(nn.Module):
+    def __init__(self, code: RotQCode) -> None:
+        super().__init__()
+        self.code = _StudentCode(code)
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        flat = ids.reshape(-1).astype(mx.int32)
+        wr = self.code.rotated_weight(flat)
+        c = self.code._rot
+        f = mx.fft.rfft(wr, axis=-1)
+        rows = mx.fft.irfft(f * c.phase_conj, n=c.n, axis=-1) * c.signs
+        return rows.reshape(*ids.shape, -1)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return self.code.rotate(x) @ self.code.rotated_weight().T
+
+
+def _students(model: nn.Module, codes: dict[str, TensorCode]) -> dict[str, _StudentCode]:
+    """Swap every coded Linear/Embedding of ``model`` for a student; {weight name: its student code}."""
+    mods = dict(model.named_modules())
+    swaps, out = [], {}
+    for name, tc in codes.items():
+        path = name.removesuffix(".weight")
+        lv = tc.levels[0]
+        if len(tc.levels) != 1 or not isinstance(lv, RotQCode) or path not in mods:
+            continue
+        m = mods[path]
+        if isinstance(m, nn.Embedding):
+            s = _StudentEmbedding(lv)
+        elif isinstance(m, nn.Linear):
+            s = _StudentLinear(lv, m.bias if "bias" in m else None)
+        else:
+            continue
+        swaps.append((path, s))
+        out[name] = s.code
+    model.update_modules(tree_unflatten(swaps))
+    return out
+
+
+def _log_softmax(logits: mx.array) -> mx.array:
+    lg = logits.astype(mx.float32)
+    return lg - mx.logsumexp(lg, axis=-1, keepdims=True)
+
+
+def distill_scales(
+    make_model: Callable[[], nn.Module],
+    codes: dict[str, TensorCode],
+    chunks: list[list[int]],
+    steps: int,
+    lr: float = 1e-4,
+    seq: int = 256,
+    progress: bool = True,
+) -> dict:
+    """Tune the group scales of ``codes`` (in place) for ``steps`` Adam steps; return what happened.
+
+    ``make_model()`` returns a fresh dense source model (called twice: teacher and student). Each step is one
+    window of ``seq`` tokens cut from the calibration chunks in turn.
+    """
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    teacher, student = make_model(), make_model()
+    teacher.freeze()
+    tuned = _students(student, codes)
+    student.freeze()
+    for c in tuned.values():
+        c.unfreeze(keys=["gain"])
+    windows = [part[a : a + seq + 1] for part in chunks for a in range(0, len(part) - 1, seq)]
+    windows = [w for w in windows if len(w) > 8]
+
+    def loss_fn(m: nn.Module, x: mx.array, p_ref: mx.array, lp_ref: mx.array) -> mx.array:
+        lp = _log_softmax(m(x, m.make_cache())[0])
+        return mx.mean(mx.sum(p_ref * (lp_ref - lp), axis=-1))
+
+    grad_fn = nn.value_and_grad(student, loss_fn)
+    opt = optim.Adam(learning_rate=lr)
+    targets: dict[int, tuple[mx.array, mx.array]] = {}
+
+    def target(i: int) -> tuple[mx.array, mx.array]:
+        """The teacher's (p, log p) of window i, kept for the few windows scored before and after."""
+        if i in targets:
+            return targets[i]
+        x = mx.array(windows[i][:-1])[None]
+        lp = _log_softmax(teacher(x, teacher.make_cache())[0])
+        p = mx.exp(lp)
+        mx.eval(lp, p)
+        if i < n_score:
+            targets[i] = (p, lp)
+        return p, lp
+
+    def score() -> float:  # mean KL on the first windows, before and after (same windows, no update)
+        with native.suspended():
+            return float(np.mean([float(loss_fn(student, mx.array(windows[i][:-1])[None], *target(i)))
+                                  for i in range(n_score)]))  # fmt: skip
+
+    n_score = min(4, len(windows))
+    kl_before = score()
+    bar = tqdm(range(steps), desc="distilling scales", unit="step", disable=not progress, leave=False)
+    for i in bar:
+        k = i % len(windows)
+        p_ref, lp_ref = target(k)
+        with native.suspended():  # the native norm/RoPE/attention nodes have no vjp
+            loss, grads = grad_fn(student, mx.array(windows[k][:-1])[None], p_ref, lp_ref)
+        opt.update(student, grads)
+        mx.eval(loss, student.trainable_parameters(), opt.state)
+        bar.set_postfix(kl=f"{float(loss):.4f}")
+    kl_after = score()
+    for name, c in tuned.items():
+        lv = codes[name].levels[0]
+        lv.scales = c.tuned_scales()
+    return {
+        "steps": steps, "lr": lr, "seq": seq, "windows": len(windows), "tensors": len(tuned),
+        "scored_windows": n_score, "kl_before": kl_before, "kl_after": kl_after,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }  # fmt: skip
