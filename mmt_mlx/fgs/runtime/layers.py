@@ -148,7 +148,9 @@ class QuantLevel(nn.Module):
         if (
             self._ops_copy.pair is None
         ):  # native kernels forced off (MMT_NATIVE=0) after loading: convert once
-            self._ops_copy.pair = (self.scales.astype(mx.float32), self.biases.astype(mx.float32))
+            pair = (self.scales.astype(mx.float32), self.biases.astype(mx.float32))
+            mx.eval(pair)  # a stored copy, not two conversion nodes in every graph that uses it
+            self._ops_copy.pair = pair
         return self._ops_copy.pair
 
     def decode_rows(self, ids: mx.array) -> mx.array:

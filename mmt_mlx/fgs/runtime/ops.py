@@ -244,7 +244,10 @@ def quant_matmul(
         y = mx.quantized_matmul(xc, wq, scales, biases, transpose=True, group_size=group_size, bits=bits)
         return y.astype(x.dtype).reshape(*lead, rows)
     xc = xf.astype(mx.float32)
-    tile = max(1, min(rows, _TEMP_ELEMS // cols))
+    # a native tile decode is one task, and MLX lets ~10 tasks run ahead of the CPU stream (each holding its
+    # output), so its tiles are 4x smaller to keep the same bound on decoded weights alive at once
+    elems = _TEMP_ELEMS if tile_decoder is None else _TEMP_ELEMS // 4
+    tile = max(1, min(rows, elems // cols))
     outs: list[mx.array] = []
     for r0 in range(0, rows, tile):
         wq_t = wq[r0 : r0 + tile]
