@@ -39,7 +39,7 @@ class _StudentCode(nn.Module):
         self.s0 = mx.array(np.asarray(code.scales, np.float32))
         self.gain = mx.zeros(self.s0.shape, mx.float32)
         self.group = code.group_size
-        self._rot = Rotation(code.cols, code.seed)
+        self.rotation = Rotation(code.cols, code.seed)
 
     def rotated_weight(self, rows: mx.array | None = None) -> mx.array:
         unit = self.unit if rows is None else mx.take(self.unit, rows, axis=0)
@@ -49,8 +49,10 @@ class _StudentCode(nn.Module):
         return (unit.reshape(n, -1, self.group) * s[:, :, None]).reshape(n, c)
 
     def rotate(self, x: mx.array) -> mx.array:
-        f = mx.fft.rfft(x.astype(mx.float32) * self._rot.signs, axis=-1)
-        return mx.fft.irfft(f * self._rot.phase, n=self._rot.n, axis=-1)
+        # Rotation.forward without its shared memo (gradient graphs keep their own rotated copies)
+        r = self.rotation
+        f = mx.fft.rfft(x.astype(mx.float32) * r.signs, axis=-1)
+        return mx.fft.irfft(f * r.phase, n=r.n, axis=-1)
 
     def tuned_scales(self) -> np.ndarray:
         return np.asarray((self.s0 * (1.0 + self.gain)).astype(mx.float16))
@@ -75,10 +77,7 @@ class _StudentEmbedding(nn.Module):
 
     def __call__(self, ids: mx.array) -> mx.array:
         flat = ids.reshape(-1).astype(mx.int32)
-        wr = self.code.rotated_weight(flat)
-        c = self.code._rot
-        f = mx.fft.rfft(wr, axis=-1)
-        rows = mx.fft.irfft(f * c.phase_conj, n=c.n, axis=-1) * c.signs
+        rows = self.code.rotation.inverse(self.code.rotated_weight(flat))
         return rows.reshape(*ids.shape, -1)
 
     def as_linear(self, x: mx.array) -> mx.array:
