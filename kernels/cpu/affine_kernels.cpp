@@ -161,7 +161,7 @@ __attribute__((target("avx2,fma,f16c"))) void dot_rows_avx2(
 // int32 sums per group, one float FMA per group with scale * x_scale.
 
 // x prepared for the integer kernels: int16 values (4-bit: per 32 values the 16 even ones, then the 16 odd
-// ones, matching the low and high nibbles of 16 packed bytes; 8-bit: natural order) and one scale per group.
+// ones, matching the low and high nibbles of 16 packed bytes; other widths: natural order) and one scale per group.
 struct IntX {
   std::vector<int16_t> v;
   std::vector<float> scale;
@@ -181,11 +181,8 @@ void prepare_int_x(const float* x, int cols, int group, int bits, IntX& q) {
       if (bits == 4) {
         const int c = j / 32, k = j % 32;  // value k of chunk c: even ones first, then odd ones
         q.v[size_t(c) * 32 + (k % 2) * 16 + k / 2] = v;
-      } else if (bits == 8) {
+      } else {  // 2, 3, 5, 6 and 8 bits: natural order, as unpack16_i16 and the byte widening give the codes
         q.v[j] = v;
-      } else {  // chunks of 16 in unpack16_i16's order [0-3, 8-11, 4-7, 12-15]
-        const int c = j / 16, k = j % 16;
-        q.v[size_t(c) * 16 + (k < 4 || k >= 12 ? k : k < 8 ? k + 4 : k - 4)] = v;
       }
     }
   }
@@ -297,13 +294,13 @@ DotRows pick_dot_rows(int bits) {
 }
 
 // The last row of the matrix is copied into a padded buffer: load8 may read up to 8 bytes from a chunk of
-// `bits` bytes, which would run past the end of the array.
+// `bits` bytes and unpack16_i16 16 bytes from one of 2 * bits bytes, which would run past the end of the array.
 struct RowReader {
   const AffineWeights& w;
   size_t row_bytes;
   std::vector<uint8_t> last;
   explicit RowReader(const AffineWeights& w_) : w(w_), row_bytes(size_t(w_.cols) * w_.bits / 8) {
-    last.assign(row_bytes + 8, 0);
+    last.assign(row_bytes + 16, 0);
     std::memcpy(last.data(), reinterpret_cast<const uint8_t*>(w.wq) + (w.rows - 1) * row_bytes, row_bytes);
   }
   const uint8_t* row(int r) const {
