@@ -26,13 +26,14 @@ def require_matplotlib():
 def plot_frontier(result: dict, out_png: str) -> None:
     plt = require_matplotlib()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    style = {"fgs": ("o-", "FGS presets"), "mlx": ("s--", "MLX affine g64")}
+    style = {"fgs": ("o-", "FGS presets"), "fgs-dir": ("D", "FGS converted (--bpw)"), "mlx": ("s--", "MLX affine g64"),
+             "llama.cpp": ("x:", "llama.cpp requantized")}  # fmt: skip
     for kind, (fmt, label) in style.items():
         pts = sorted((p for p in result["points"] if p["kind"] == kind), key=lambda p: p["stored_bytes"])
         if pts:
             ax.plot([p["stored_bytes"] for p in pts], [p["ppl"] for p in pts], fmt, label=label)
             for p in pts:
-                ax.annotate(p["label"].split()[-1] if kind == "fgs" else f"q{p['bits']}",
+                ax.annotate(f"q{p['bits']}" if kind == "mlx" else p["label"].split()[-1],
                             (p["stored_bytes"], p["ppl"]), textcoords="offset points", xytext=(4, 4), fontsize=8)  # fmt: skip
     for p in result["points"]:
         if p["kind"] in ("source", "dense"):

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 from mmt_mlx.build import load_fgs
 from mmt_mlx.cli_args import add_model_arg
@@ -13,9 +14,12 @@ from mmt_mlx.convert import PRESETS
 from mmt_mlx.errors import MmtError
 from mmt_mlx.evals.frontier import DEFAULT_FRONTIER_PRESETS, format_frontier, frontier
 from mmt_mlx.evals.kl import kl_eval
+from mmt_mlx.evals.llamacpp_peers import DEFAULT_LLAMA_TYPES, llamacpp_available, parse_llama_types
 from mmt_mlx.evals.text import read_text
+from mmt_mlx.fgs.format import is_fgs_dir
 from mmt_mlx.fgs_cache import fgs_model_path
 from mmt_mlx.loader import load_model
+from mmt_mlx.locate import resolve_path
 from mmt_mlx.perplexity import perplexity
 from mmt_mlx.plots import require_matplotlib
 
@@ -24,7 +28,15 @@ def cmd_eval_kl(a: argparse.Namespace) -> int:
     text = read_text(a.text, a.start)
     if a.ctx < 2 or a.chunks < 0:
         raise MmtError("--ctx must be >= 2 and --chunks >= 0")
-    name, path = fgs_model_path(a.model, a.preset, progress=not a.json)
+    if a.candidate:
+        if a.preset:
+            raise MmtError("give --preset or --candidate, not both")
+        path = Path(a.candidate)
+        if not is_fgs_dir(path):
+            raise MmtError(f"{a.candidate}: not an FGS model directory (mmt convert -o DIR writes one)")
+        name, _ = resolve_path(a.model)
+    else:
+        name, path = fgs_model_path(a.model, a.preset, progress=not a.json)
     cand = load_fgs(path, name)
     ref = load_model(a.model, dense=True)
     if a.ctx > ref.context_length:
@@ -50,9 +62,20 @@ def cmd_eval_frontier(a: argparse.Namespace) -> int:
     bits = [int(b) for b in a.bits.split(",") if b.strip()]
     if any(b not in (2, 3, 4, 5, 6, 8) for b in bits):
         raise MmtError("--bits takes MLX widths: 2, 3, 4, 5, 6, 8")
+    if a.llama_types == "auto":
+        llama_types = list(DEFAULT_LLAMA_TYPES) if llamacpp_available() else []
+        if not llama_types and not a.json:
+            print("llama.cpp points skipped: llama-cpp-python is not installed (pip install 'mmt_mlx[llamacpp]')",
+                  file=sys.stderr)  # fmt: skip
+    else:
+        llama_types = parse_llama_types(a.llama_types)
+        if llama_types and not llamacpp_available():
+            raise MmtError("--llama-types needs llama-cpp-python: pip install 'mmt_mlx[llamacpp]'")
+    dirs = [d.strip() for d in a.fgs_dirs.split(",") if d.strip()]
     if a.out:
         require_matplotlib()  # fail before minutes of work, not after
-    r = frontier(a.model, text, presets, bits, a.out, ctx=a.ctx, chunks=a.chunks, progress=not a.json)
+    r = frontier(a.model, text, presets, bits, a.out, ctx=a.ctx, chunks=a.chunks, progress=not a.json,
+                 llama_types=llama_types, fgs_dirs=dirs)  # fmt: skip
     if a.json:
         print(json.dumps(r))
     else:
@@ -108,17 +131,26 @@ def add_eval_parsers(eval_subparsers) -> None:
     )
     add_model_arg(kl)
     kl.add_argument("--preset", default=None, help="FGS preset of the candidate (default: default)")
+    kl.add_argument(
+        "--candidate", default=None, help="a converted FGS directory (e.g. mmt convert --bpw) instead"
+    )
     _text_args(kl, chunks=4)
     kl.set_defaults(func=cmd_eval_kl)
 
     fr = eval_subparsers.add_parser(
-        "frontier", help="stored bytes vs perplexity: FGS presets and MLX bit widths"
+        "frontier", help="stored bytes vs perplexity: FGS presets, MLX bit widths, llama.cpp types"
     )
     add_model_arg(fr)
     fr.add_argument(
         "--presets", default=",".join(DEFAULT_FRONTIER_PRESETS), help="comma-separated FGS presets"
     )
     fr.add_argument("--bits", default="2,3,4,8", help="comma-separated MLX bit widths (group size 64)")
+    fr.add_argument(
+        "--llama-types", default="auto",
+        help="comma-separated llama.cpp types the GGUF source is requantized to and scored by llama.cpp "
+        f"('' for none; auto: {','.join(DEFAULT_LLAMA_TYPES)} when llama-cpp-python is installed)",
+    )  # fmt: skip
+    fr.add_argument("--fgs-dirs", default="", help="comma-separated converted FGS directories to score too")
     fr.add_argument("--out", default="frontier.png", help="PNG plot ('' for none)")
     _text_args(fr, chunks=8)
     fr.set_defaults(func=cmd_eval_frontier)

@@ -1,18 +1,23 @@
-"""The bytes-vs-perplexity frontier: the source, the dense model, FGS at several presets and MLX at
-several bit widths, all scored with the chunking of ``mmt eval ppl``.
+"""The bytes-vs-perplexity frontier: the source, the dense model, FGS at several presets (and any converted FGS
+directories), MLX at several bit widths and llama.cpp's own quantization types, all scored with the chunking of
+``mmt eval ppl``.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
 from mmt_mlx.build import load_fgs, model_from_source
+from mmt_mlx.errors import MmtError
 from mmt_mlx.evals.kl import model_module
+from mmt_mlx.evals.llamacpp_peers import llamacpp_points
 from mmt_mlx.evals.text import free_memory
+from mmt_mlx.fgs.format import is_fgs_dir
 from mmt_mlx.fgs_cache import fgs_model_path
 from mmt_mlx.locate import load_source
 from mmt_mlx.perplexity import perplexity
@@ -49,10 +54,19 @@ def frontier(
     ctx: int = 512,
     chunks: int = 8,
     progress: bool = True,
+    llama_types: tuple[str, ...] | list[str] = (),
+    fgs_dirs: tuple[str, ...] | list[str] = (),
 ) -> dict:
-    """Stored bytes and perplexity of: the source file, the dense model, FGS at each preset, MLX at each bit
-    width (group 64). Writes a log-log plot to ``out_png`` when given. Returns {"model", "points", ...}."""
+    """Stored bytes and perplexity of: the source file, the dense model, FGS at each preset and each converted
+    FGS directory in ``fgs_dirs`` (``mmt convert --bpw`` output), MLX at each bit width (group 64), llama.cpp's
+    requantization of a GGUF source at each of ``llama_types``. Writes a log-log plot to ``out_png`` when given.
+    Returns {"model", "points", ...}."""
     name, src = load_source(model_arg)
+    if llama_types and Path(str(src.path)).suffix.lower() != ".gguf":
+        raise MmtError(f"llama.cpp peers need a GGUF source; {name} reads {src.path}")
+    for d in fgs_dirs:  # fail before minutes of work, not after
+        if not is_fgs_dir(Path(d)):
+            raise MmtError(f"{d}: not an FGS model directory (mmt convert -o DIR writes one)")
     tok = src.tokenizer
     ids = tok.encode(text, add_bos=False)
     bos = tok.bos_id if tok.bos_id is not None else ids[0]
@@ -87,6 +101,19 @@ def frontier(
         score(f"FGS {preset}", "fgs", lm, int(lm.info["stored_bytes"]), preset=preset, tau=lm.info.get("tau"))
         del lm
         free_memory()
+    for path in map(Path, fgs_dirs):
+        lm = load_fgs(path, name)
+        score(f"FGS {path.name}", "fgs-dir", lm, int(lm.info["stored_bytes"]), path=str(path))
+        del lm
+        free_memory()
+    if llama_types:
+
+        def shown(p: dict) -> None:
+            print(f"  {p['label']:<22} {p['stored_bytes'] / 1e6:9.2f} MB  ppl {p['ppl']:.4f}", file=sys.stderr,
+                  flush=True)  # fmt: skip
+
+        points += llamacpp_points(src.path, list(llama_types), ids, bos, params, ctx, chunks,
+                                  progress=shown if progress else None)  # fmt: skip
     result = {"model": name, "ctx": ctx, "chunks": chunks, "parameters": params, "points": points}
     if out_png:
         plot_frontier(result, out_png)
