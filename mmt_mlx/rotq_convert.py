@@ -8,7 +8,8 @@
    bits and the step with the most predicted KL saved per byte is bought until the budget is spent.
 4. Encoding: each tensor at its width with GPTQ in the rotated basis; the real errors go in the report.
 5. Optionally (``--distill STEPS``, ``rotq_distill``): the group scales tuned against the dense model's
-   next-token distribution on the calibration chunks, codes fixed.
+   next-token distribution on windows of all the shipped calibration text (GPTQ reads 8,192 tokens of it),
+   codes fixed.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from mmt_mlx.sources import SourceModel
 BPW_PRESETS = {"rot4": 4.0, "rot3": 3.25, "rot2.5": 2.5}
 GROUP = 64
 CALIB_TOKENS = 8192
+DISTILL_TOKENS = 1 << 20  # distillation windows: all of the shipped calibration text (~27,000 tokens)
 SCREEN_ROWS = 128
 SCREEN_BITS = 3
 
@@ -202,8 +204,8 @@ def encode_bpw(
         from mmt_mlx.rotq_distill import distill_scales
 
         distilled = distill_scales(
-            lambda: model_from_source(src, source_name or "source").model, codes, chunks, distill_steps,
-            progress=progress,
+            lambda: model_from_source(src, source_name or "source").model, codes,
+            calibration_chunks(src.tokenizer, DISTILL_TOKENS, ctx), distill_steps, progress=progress,
         )  # fmt: skip
         for n, w in matrices.items():  # the report states the errors of the stored codes
             _, h = _tensor_cov(n, keys, covs)

@@ -119,11 +119,13 @@ def distill_scales(
     lr: float = 1e-4,
     seq: int = 256,
     progress: bool = True,
+    decay: bool = True,
 ) -> dict:
     """Tune the group scales of ``codes`` (in place) for ``steps`` Adam steps; return what happened.
 
     ``make_model()`` returns a fresh dense source model (called twice: teacher and student). Each step is one
-    window of ``seq`` tokens cut from the calibration chunks in turn.
+    window of ``seq`` tokens cut from the calibration chunks, visited in a fixed shuffled order (neighbouring
+    windows come from the same book). With ``decay`` the learning rate follows a cosine from ``lr`` to 0.
     """
     from tqdm import tqdm
 
@@ -136,13 +138,14 @@ def distill_scales(
         c.unfreeze(keys=["gain"])
     windows = [part[a : a + seq + 1] for part in chunks for a in range(0, len(part) - 1, seq)]
     windows = [w for w in windows if len(w) > 8]
+    order = np.random.default_rng(0).permutation(len(windows))
 
     def loss_fn(m: nn.Module, x: mx.array, p_ref: mx.array, lp_ref: mx.array) -> mx.array:
         lp = _log_softmax(m(x, m.make_cache())[0])
         return mx.mean(mx.sum(p_ref * (lp_ref - lp), axis=-1))
 
     grad_fn = nn.value_and_grad(student, loss_fn)
-    opt = optim.Adam(learning_rate=lr)
+    opt = optim.Adam(learning_rate=optim.cosine_decay(lr, steps) if decay else lr)
     targets: dict[int, tuple[mx.array, mx.array]] = {}
 
     def target(i: int) -> tuple[mx.array, mx.array]:
@@ -166,7 +169,7 @@ def distill_scales(
     kl_before = score()
     bar = tqdm(range(steps), desc="distilling scales", unit="step", disable=not progress, leave=False)
     for i in bar:
-        k = i % len(windows)
+        k = int(order[i % len(windows)])
         p_ref, lp_ref = target(k)
         with native.suspended():  # the native norm/RoPE/attention nodes have no vjp
             loss, grads = grad_fn(student, mx.array(windows[k][:-1])[None], p_ref, lp_ref)
@@ -178,7 +181,8 @@ def distill_scales(
         lv = codes[name].levels[0]
         lv.scales = c.tuned_scales()
     return {
-        "steps": steps, "lr": lr, "seq": seq, "windows": len(windows), "tensors": len(tuned),
+        "steps": steps, "lr": lr, "lr_decay": "cosine" if decay else "none", "seq": seq,
+        "windows": len(windows), "tokens": sum(len(w) - 1 for w in windows), "tensors": len(tuned),
         "scored_windows": n_score, "kl_before": kl_before, "kl_after": kl_after,
         "seconds": round(time.perf_counter() - t0, 1),
     }  # fmt: skip
