@@ -6,17 +6,15 @@ import argparse
 import json
 import sys
 from dataclasses import asdict
-from pathlib import Path
 
 from mmt_mlx.build import load_fgs
 from mmt_mlx.cli_args import add_model_arg
 from mmt_mlx.convert import PRESETS
 from mmt_mlx.errors import MmtError
-from mmt_mlx.evals.frontier import DEFAULT_FRONTIER_PRESETS, format_frontier, frontier
+from mmt_mlx.evals.frontier import DEFAULT_FRONTIER_PRESETS, converted_dir, format_frontier, frontier
 from mmt_mlx.evals.kl import kl_eval
 from mmt_mlx.evals.llamacpp_peers import DEFAULT_LLAMA_TYPES, llamacpp_available, parse_llama_types
 from mmt_mlx.evals.text import read_text
-from mmt_mlx.fgs.format import is_fgs_dir
 from mmt_mlx.fgs_cache import fgs_model_path
 from mmt_mlx.loader import load_model
 from mmt_mlx.locate import resolve_path
@@ -31,9 +29,7 @@ def cmd_eval_kl(a: argparse.Namespace) -> int:
     if a.candidate:
         if a.preset:
             raise MmtError("give --preset or --candidate, not both")
-        path = Path(a.candidate)
-        if not is_fgs_dir(path):
-            raise MmtError(f"{a.candidate}: not an FGS model directory (mmt convert -o DIR writes one)")
+        path = converted_dir(a.candidate)
         name, _ = resolve_path(a.model)
     else:
         name, path = fgs_model_path(a.model, a.preset, progress=not a.json)

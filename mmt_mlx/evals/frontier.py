@@ -45,6 +45,13 @@ def mlx_fake_quantized(src: SourceModel, name: str, bits: int, group_size: int =
     return model_from_source(fq, f"{name}-mlx-q{bits}"), int(stored)
 
 
+def converted_dir(d: str) -> Path:
+    """``d`` as a Path if it is an FGS model directory, else a clear error."""
+    if not is_fgs_dir(Path(d)):
+        raise MmtError(f"{d}: not an FGS model directory (mmt convert -o DIR writes one)")
+    return Path(d)
+
+
 def frontier(
     model_arg: str | None,
     text: str,
@@ -64,9 +71,7 @@ def frontier(
     name, src = load_source(model_arg)
     if llama_types and Path(str(src.path)).suffix.lower() != ".gguf":
         raise MmtError(f"llama.cpp peers need a GGUF source; {name} reads {src.path}")
-    for d in fgs_dirs:  # fail before minutes of work, not after
-        if not is_fgs_dir(Path(d)):
-            raise MmtError(f"{d}: not an FGS model directory (mmt convert -o DIR writes one)")
+    dirs = [converted_dir(d) for d in fgs_dirs]  # fail before minutes of work, not after
     tok = src.tokenizer
     ids = tok.encode(text, add_bos=False)
     bos = tok.bos_id if tok.bos_id is not None else ids[0]
@@ -101,7 +106,7 @@ def frontier(
         score(f"FGS {preset}", "fgs", lm, int(lm.info["stored_bytes"]), preset=preset, tau=lm.info.get("tau"))
         del lm
         free_memory()
-    for path in map(Path, fgs_dirs):
+    for path in dirs:
         lm = load_fgs(path, name)
         score(f"FGS {path.name}", "fgs-dir", lm, int(lm.info["stored_bytes"]), path=str(path))
         del lm
