@@ -12,11 +12,12 @@ import json
 import numpy as np
 import pytest
 
+from mmt_mlx.bench.accounting import gguf_weight_bytes
 from mmt_mlx.build import model_from_source
 from mmt_mlx.errors import MmtError
 from mmt_mlx.evals.cli import add_eval_parsers
 from mmt_mlx.evals.frontier import frontier
-from mmt_mlx.evals.llamacpp_peers import chunk_nll, gguf_tensor_bytes, parse_llama_types
+from mmt_mlx.evals.llamacpp_peers import chunk_nll, parse_llama_types
 from mmt_mlx.fgs_cache import fgs_model_path
 from mmt_mlx.locate import load_source
 from mmt_mlx.perplexity import perplexity
@@ -81,7 +82,9 @@ def test_llamacpp_requantized_points(tiny_gguf, tmp_path):
     pts = llamacpp_points(path, ["Q8_0", "Q2_K"], ids, bos, params, ctx=32, chunks=2)
     assert [p["label"] for p in pts] == ["llama.cpp Q8_0", "llama.cpp Q2_K"]
     q8, q2 = pts
-    assert q2["stored_bytes"] < q8["stored_bytes"] < src.weight_bytes == gguf_tensor_bytes(path)
+    assert (
+        q2["stored_bytes"] < q8["stored_bytes"] < src.weight_bytes == gguf_weight_bytes(path)["stored_bytes"]
+    )
     assert q8["ppl"] == pytest.approx(ours.ppl, rel=0.05)  # 8 bits barely move a random model
     assert q2["ppl"] != q8["ppl"] and all(p["bits_per_weight"] < 32 for p in pts)
 

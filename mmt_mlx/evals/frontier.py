@@ -45,6 +45,15 @@ def mlx_fake_quantized(src: SourceModel, name: str, bits: int, group_size: int =
     return model_from_source(fq, f"{name}-mlx-q{bits}"), int(stored)
 
 
+def shown(p: dict) -> None:
+    """One frontier point as a progress line on stderr."""
+    print(
+        f"  {p['label']:<22} {p['stored_bytes'] / 1e6:9.2f} MB  ppl {p['ppl']:.4f}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def converted_dir(d: str) -> Path:
     """``d`` as a Path if it is an FGS model directory, else a clear error."""
     if not is_fgs_dir(Path(d)):
@@ -85,7 +94,7 @@ def frontier(
              "ppl": r.ppl, "tokens": r.tokens, "seconds": round(time.perf_counter() - t0, 1), **extra}  # fmt: skip
         points.append(p)
         if progress:
-            print(f"  {label:<22} {stored / 1e6:9.2f} MB  ppl {r.ppl:.4f}", file=sys.stderr, flush=True)
+            shown(p)
 
     dense = model_from_source(src, name)
     dense_bytes = int(sum(v.size * 4 for v in src.weights.values()))
@@ -112,11 +121,6 @@ def frontier(
         del lm
         free_memory()
     if llama_types:
-
-        def shown(p: dict) -> None:
-            print(f"  {p['label']:<22} {p['stored_bytes'] / 1e6:9.2f} MB  ppl {p['ppl']:.4f}", file=sys.stderr,
-                  flush=True)  # fmt: skip
-
         points += llamacpp_points(src.path, list(llama_types), ids, bos, params, ctx, chunks,
                                   progress=shown if progress else None)  # fmt: skip
     result = {"model": name, "ctx": ctx, "chunks": chunks, "parameters": params, "points": points}

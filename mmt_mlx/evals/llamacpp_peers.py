@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mmt_mlx.bench.accounting import gguf_weight_bytes
 from mmt_mlx.errors import MmtError
-from mmt_mlx.gguf_file import GGUFFile
 from mmt_mlx.perplexity import PerplexityResult, chunk_tokens
 
 # llama.cpp's file types (llama.h, LLAMA_FTYPE_MOSTLY_*); the i-quants below 3 bits need an importance matrix
@@ -48,11 +48,6 @@ def parse_llama_types(spec: str) -> list[str]:
     if bad:
         raise MmtError(f"unknown llama.cpp type {bad[0]!r}: choose among {', '.join(LLAMA_FTYPES)}")
     return types
-
-
-def gguf_tensor_bytes(path: str | Path) -> int:
-    """Bytes a GGUF file stores for its tensors (what ``SourceModel.weight_bytes`` counts for a source)."""
-    return int(sum(t.n_bytes for t in GGUFFile(path).tensors))
 
 
 @contextlib.contextmanager
@@ -123,7 +118,7 @@ def llamacpp_points(src_gguf: str | Path, types: list[str], ids: list[int], bos:
             out = Path(tmp) / f"{qtype}.gguf"
             t0 = time.perf_counter()
             requantize(src_gguf, out, qtype)
-            stored = gguf_tensor_bytes(out)
+            stored = gguf_weight_bytes(out)["stored_bytes"]  # the tensor bytes, as for the source
             r = llamacpp_perplexity(out, ids, bos, ctx, chunks)
             out.unlink()
             points.append({"label": f"llama.cpp {qtype}", "kind": "llama.cpp", "qtype": qtype,
