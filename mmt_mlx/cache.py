@@ -22,21 +22,32 @@ class KVCache:
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array, int]:
         """Append (B, H, L, D) keys/values; return every stored key/value and the first key's position."""
+        self.append(keys, values)
+        assert self.keys is not None and self.values is not None
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :], 0
+
+    def append(self, keys: mx.array, values: mx.array) -> None:
+        """Store (B, H, L, D) keys/values after the earlier ones (MLX's slice update reuses the buffer)."""
         prev, n = self.offset, keys.shape[2]
-        if self.keys is None or prev + n > self.keys.shape[2]:
-            grow = ((n + self.step - 1) // self.step) * self.step
-            shape_k = (*keys.shape[:2], grow, keys.shape[3])
-            shape_v = (*values.shape[:2], grow, values.shape[3])
-            new_k, new_v = mx.zeros(shape_k, keys.dtype), mx.zeros(shape_v, values.dtype)
-            if self.keys is None:
-                self.keys, self.values = new_k, new_v
-            else:
-                self.keys = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)
-                self.values = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
+        self.reserve(n, keys.shape, values.shape[3], keys.dtype)
+        assert self.keys is not None and self.values is not None
         self.keys[..., prev : prev + n, :] = keys
         self.values[..., prev : prev + n, :] = values
         self.offset += n
-        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :], 0
+
+    def reserve(self, n: int, key_shape: tuple[int, ...], value_dim: int, dtype: mx.Dtype) -> None:
+        """Make room for ``n`` more positions of (B, H, ., D) keys (and values of width ``value_dim``)."""
+        prev = self.offset
+        if self.keys is not None and prev + n <= self.keys.shape[2]:
+            return
+        grow = ((n + self.step - 1) // self.step) * self.step
+        new_k = mx.zeros((*key_shape[:2], grow, key_shape[3]), dtype)
+        new_v = mx.zeros((*key_shape[:2], grow, value_dim), dtype)
+        if self.keys is None or self.values is None:
+            self.keys, self.values = new_k, new_v
+        else:
+            self.keys = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)
+            self.values = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
 
     @property
     def state(self) -> list[mx.array]:

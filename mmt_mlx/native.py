@@ -154,3 +154,23 @@ def describe() -> dict[str, object]:
             built_for_mlx=mod.built_mlx_version(),
         )
     return info
+
+
+def gated_activation(gate: mx.array, up: mx.array, gelu: bool) -> mx.array:
+    """act(gate) * up (SiLU, or GELU's tanh approximation) as one native node (MLX's CPU ops are 3-9 nodes)."""
+    y = _require().gated_activation(gate, up, gelu)
+    return y if gate.dtype == mx.float32 else y.astype(gate.dtype)
+
+
+def decode_layer(
+    x: mx.array,
+    k_cache: mx.array,
+    v_cache: mx.array,
+    norms: list[mx.array],
+    weights: list[mx.array],
+    bits: list[int],
+    groups: list[int],
+    **config: float | int | bool,
+) -> list[mx.array]:
+    """One decoder layer for one token as one native node (kernels/cpu/decode_layer.h): [h, keys', values']."""
+    return _require().decode_layer(x, k_cache, v_cache, norms, weights, bits, groups, **config)

@@ -348,7 +348,8 @@ size_t split_matvec_weights() {
   return n;
 }
 
-void matvec(const AffineWeights& w, const RowReader& rd, const float* x, float* y, int nthreads) {
+void matvec(const AffineWeights& w, const RowReader& rd, const float* x, float* y, int nthreads,
+            bool shared = false) {
   const int ng = w.cols / w.group;
   // per-thread scratch reused across calls; the workers below reach the caller's copies through these refs
   // (naming a thread_local inside the lambda would give each worker its own empty one)
@@ -368,10 +369,12 @@ void matvec(const AffineWeights& w, const RowReader& rd, const float* x, float* 
   // larger than the rest is split: it runs last, when the builder is idle.
   const IntDotRows idot4 = pick_int_dot_rows<4>(w.bits), idot1 = pick_int_dot_rows<1>(w.bits);
   int r = 0;
-  if (idot4 && nthreads > 1 && size_t(w.rows) * w.cols >= split_matvec_weights()) {
-    // a very large matrix (a vocabulary head): the graph builder is idle by the time it runs, split its rows
+  if (idot4 && nthreads > 1 && (shared || size_t(w.rows) * w.cols >= split_matvec_weights())) {
+    // a very large matrix (a vocabulary head): the graph builder is idle by the time it runs, split its rows;
+    // inside the fused decode layer every product is split. Chunks are multiples of 4 rows, so each row takes
+    // the same kernel (4-row or 1-row) as on one thread: the bits do not depend on the split.
     prepare_int_x(x, w.cols, w.group, w.bits, qx);
-    constexpr int kRowsPerChunk = 256;
+    const int kRowsPerChunk = shared ? 64 : 256;
     const int nchunks = (w.rows + kRowsPerChunk - 1) / kRowsPerChunk;
     parallel_for(nchunks, nthreads, [&](int c) {
       const int r1 = std::min(w.rows, (c + 1) * kRowsPerChunk);
@@ -533,6 +536,12 @@ void affine_dequantize(const AffineWeights& w, float* out) {
       dequant_row_scalar(w, rd.row(r), r, o);
     }
   });
+}
+
+void affine_matvec_shared(const AffineWeights& w, const float* x, float* y) {
+  if (w.rows == 0) return;
+  const RowReader rd(w);
+  matvec(w, rd, x, y, num_threads(), true);
 }
 
 void affine_matmul(const AffineWeights& w, const float* x, float* y, int tokens) {

@@ -52,6 +52,10 @@ struct AffineWeights {
 // thread in a fixed order, so results do not depend on the thread count.
 void affine_matmul(const AffineWeights& w, const float* x, float* y, int tokens);
 
+// One token, y (rows) = W x, rows shared out by the pool whatever the size (the fused decode layer: the graph
+// builder is idle while it runs); the same bits as affine_matmul's one-token product.
+void affine_matvec_shared(const AffineWeights& w, const float* x, float* y);
+
 // out (rows, cols) = W as f32 (a long prompt's tile, then the BLAS GEMM): rows shared out by the pool.
 void affine_dequantize(const AffineWeights& w, float* out);
 

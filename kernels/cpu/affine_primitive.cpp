@@ -12,8 +12,6 @@
 
 namespace mmt {
 
-namespace {
-
 // Throws unless (wq, scales, biases) hold a (rows, cols) matrix in MLX's affine layout at these bits/group.
 void check_affine(const char* where, int cols, const mx::array& wq, const mx::array& scales,
                   const mx::array& biases, int group_size, int bits) {
@@ -33,6 +31,8 @@ void check_affine(const char* where, int cols, const mx::array& wq, const mx::ar
     throw std::invalid_argument(msg.str());
   }
 }
+
+namespace {
 
 // f16 scales and biases stay f16 (the kernels read them per group); anything else becomes f32.
 mx::Dtype scale_dtype(const mx::array& scales, const mx::array& biases) {

@@ -8,6 +8,10 @@ namespace mmt {
 
 namespace mx = mlx::core;
 
+// Throws unless (wq, scales, biases) hold a (rows, cols) matrix in MLX's affine layout at these bits/group.
+void check_affine(const char* where, int cols, const mx::array& wq, const mx::array& scales,
+                  const mx::array& biases, int group_size, int bits);
+
 // y (..., rows) = x (..., cols) @ W.T; W in MLX's affine layout (wq uint32, scales and biases f32).
 mx::array affine_matmul_op(const mx::array& x, const mx::array& wq, const mx::array& scales,
                            const mx::array& biases, int group_size, int bits, mx::StreamOrDevice s = {});

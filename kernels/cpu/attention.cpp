@@ -1,33 +1,14 @@
 #include "attention.h"
 
-#include <algorithm>
-#include <cmath>
-#include <limits>
 #include <stdexcept>
 #include <vector>
 
 #include "mlx/allocator.h"
+#include "layer_math.h"
 #include "mlx/backend/cpu/encoder.h"
-
-// GCC on x86 builds an AVX2 clone of the inner loops beside the portable one and picks at load time.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MMT_CLONES __attribute__((target_clones("avx2,fma", "default")))
-#else
-#define MMT_CLONES
-#endif
 
 namespace mmt {
 namespace {
-
-MMT_CLONES float dot(const float* a, const float* b, int n) {
-  float s = 0.f;
-  for (int i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-MMT_CLONES void axpy(float a, const float* x, float* y, int n) {
-  for (int i = 0; i < n; ++i) y[i] += a * x[i];
-}
 
 // Strides of a 4-D view with size-1 axes broadcast (stride 0).
 struct View {
@@ -80,7 +61,6 @@ void DecodeAttention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
       throw std::runtime_error("MmtDecodeAttention: the last axis of q, k and v must be contiguous");
     float* op = out.data<float>();
     std::vector<float> p(Lk), acc(D);
-    const float neg_inf = -std::numeric_limits<float>::infinity();
     for (int b = 0; b < B; ++b) {
       for (int h = 0; h < Hq; ++h) {
         const int hk = h / group;
@@ -89,28 +69,9 @@ void DecodeAttention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
         for (int t = 0; t < Lq; ++t) {
           const float* qr = reinterpret_cast<const float*>(qv.base) + b * qv.s[0] + h * qv.s[1] + t * qv.s[2];
           const bool* mr = masked ? reinterpret_cast<const bool*>(mv->base) + b * mv->s[0] + t * mv->s[2] : nullptr;
-          float mx_score = neg_inf;
-          for (int j = 0; j < Lk; ++j) {
-            if (mr && !mr[j * mv->s[3]]) {
-              p[j] = neg_inf;
-              continue;
-            }
-            p[j] = scale * dot(qr, kb + j * kv.s[2], D);
-            mx_score = std::max(mx_score, p[j]);
-          }
-          std::fill(acc.begin(), acc.end(), 0.f);
-          float sum = 0.f;
-          if (mx_score != neg_inf) {
-            for (int j = 0; j < Lk; ++j) {
-              if (p[j] == neg_inf) continue;
-              const float e = std::exp(p[j] - mx_score);
-              sum += e;
-              axpy(e, vb + j * vv.s[2], acc.data(), D);
-            }
-          }
           float* orow = op + (size_t(b) * Lq + t) * size_t(Hq) * D + size_t(h) * D;
-          const float inv = sum > 0.f ? 1.f / sum : 0.f;
-          for (int d = 0; d < D; ++d) orow[d] = acc[d] * inv;
+          attend_row(qr, kb, kv.s[2], vb, vv.s[2], Lk, D, scale, mr, masked ? mv->s[3] : 0, p.data(), acc.data(),
+                     orow);
         }
       }
     }

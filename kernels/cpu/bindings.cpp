@@ -3,14 +3,19 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
+
+#include <stdexcept>
 
 #include "affine_kernels.h"
 #include "affine_primitive.h"
 #include "attention.h"
+#include "decode_layer.h"
 #include "norm_rope.h"
 #include "mlx/version.h"
 
 namespace nb = nanobind;
+namespace mx = mlx::core;
 using namespace nb::literals;
 
 NB_MODULE(_native, m) {
@@ -28,6 +33,26 @@ NB_MODULE(_native, m) {
   m.def("decode_attention", &mmt::decode_attention_op, "q"_a, "k"_a, "v"_a, "scale"_a, "mask"_a = nb::none(),
         nb::kw_only(), "stream"_a = nb::none(),
         "softmax(scale q k^T) v for (B, H, L, D) views, grouped KV heads, bool mask; (B, Lq, Hq * D) f32.");
+  m.def("gated_activation", &mmt::gated_activation_op, "gate"_a, "up"_a, "gelu"_a, nb::kw_only(),
+        "stream"_a = nb::none(), "act(gate) * up (SiLU, or GELU's tanh approximation) in one CPU primitive (f32).");
+  m.def(
+      "decode_layer",
+      [](const mx::array& x, const mx::array& k_cache, const mx::array& v_cache, const std::vector<mx::array>& norms,
+         const std::vector<mx::array>& weights, const std::vector<int>& bits, const std::vector<int>& groups,
+         int heads, int kv_heads, int head_dim, float eps, float rope_base, float rope_scale, float attn_scale,
+         bool gelu, bool qk_norm, bool sandwich, int position, int cached, int window, bool write_cache, mx::StreamOrDevice s) {
+        if (bits.size() != 7 || groups.size() != 7)
+          throw std::invalid_argument("decode_layer: bits and groups need one entry per product (7)");
+        mmt::DecodeLayerConfig cfg{heads, kv_heads, head_dim, eps, rope_base, rope_scale, attn_scale, gelu,
+                                   qk_norm, sandwich, position, cached, window, write_cache};
+        std::copy(bits.begin(), bits.end(), cfg.bits.begin());
+        std::copy(groups.begin(), groups.end(), cfg.groups.begin());
+        return mmt::decode_layer_op(x, k_cache, v_cache, norms, weights, cfg, s);
+      },
+      "x"_a, "k_cache"_a, "v_cache"_a, "norms"_a, "weights"_a, "bits"_a, "groups"_a, nb::kw_only(), "heads"_a,
+      "kv_heads"_a, "head_dim"_a, "eps"_a, "rope_base"_a, "rope_scale"_a, "attn_scale"_a, "gelu"_a, "qk_norm"_a,
+      "sandwich"_a, "position"_a, "cached"_a, "window"_a, "write_cache"_a = false, "stream"_a = nb::none(),
+      "One decoder layer for one token in one CPU primitive: returns [h, k, v] (the token's key and value).");
   m.def("set_num_threads", &mmt::set_num_threads, "n"_a, "Threads for the kernels (<= 0: default).");
   m.def("num_threads", &mmt::num_threads);
   m.def("isa", &mmt::isa, "Code path chosen for this CPU: 'avx2+fma+avx512vnni', 'avx2+fma' or 'scalar'.");

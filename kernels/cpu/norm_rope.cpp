@@ -1,10 +1,10 @@
 #include "norm_rope.h"
 
-#include <cmath>
 #include <stdexcept>
 
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
+#include "layer_math.h"
 #include "operands.h"
 
 namespace mmt {
@@ -30,17 +30,7 @@ void RmsNorm::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   const size_t rows = d ? ops[0].size() / d : 0;
   enc.dispatch([x = mx::array::unsafe_weak_copy(ops[0]), w = mx::array::unsafe_weak_copy(ops[1]),
                 out = mx::array::unsafe_weak_copy(out), d, rows, eps = eps_]() mutable {
-    const float* xp = x.data<float>();
-    const float* wp = w.data<float>();
-    float* op = out.data<float>();
-    for (size_t r = 0; r < rows; ++r) {
-      const float* xr = xp + r * d;
-      float* orow = op + r * d;
-      float ss = 0.f;
-      for (int j = 0; j < d; ++j) ss += xr[j] * xr[j];
-      const float inv = 1.f / std::sqrt(ss / float(d) + eps);
-      for (int j = 0; j < d; ++j) orow[j] = xr[j] * inv * wp[j];
-    }
+    rms_norm_rows(x.data<float>(), w.data<float>(), out.data<float>(), rows, d, eps);
   });
 }
 
@@ -75,33 +65,20 @@ void Rope::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   enc.set_output_array(out);
   enc.dispatch([x = mx::array::unsafe_weak_copy(x), offset = mx::array::unsafe_weak_copy(offset),
                 out = mx::array::unsafe_weak_copy(out), dims = dims_, base = base_, scale = scale_]() mutable {
-    const int B = x.shape(0), H = x.shape(1), T = x.shape(2), half = dims / 2;
+    const int B = x.shape(0), H = x.shape(1), T = x.shape(2);
     const auto& st = x.strides();
     const float* xp = x.data<float>();
     const int32_t* off = offset.data<int32_t>();
     const bool per_row = offset.ndim() == 1 && offset.shape(0) == B && B > 1;
     float* op = out.data<float>();
-    // MLX's formulas: inv_freq_i = exp(-i * log(base) / half), theta = ((t + offset) * scale) * inv_freq_i
-    const float step = std::log(base) / float(half);
-    std::vector<float> inv_freq(half), cs(half), sn(half);
-    for (int i = 0; i < half; ++i) inv_freq[i] = std::exp(-float(i) * step);
+    RopeAngles ang(dims, base);
     for (int b = 0; b < B; ++b) {
       const int o = off[per_row ? b : 0];
       for (int t = 0; t < T; ++t) {
-        const float pos = float(t + o) * scale;
-        for (int i = 0; i < half; ++i) {
-          const float th = pos * inv_freq[i];
-          cs[i] = std::cos(th);
-          sn[i] = std::sin(th);
-        }
+        ang.at(t + o, scale);
         for (int h = 0; h < H; ++h) {
           const float* xr = xp + b * st[0] + h * st[1] + t * st[2];
-          float* orow = op + ((size_t(b) * H + h) * T + t) * dims;
-          for (int i = 0; i < half; ++i) {
-            const float a = xr[i * st[3]], c = xr[(i + half) * st[3]];
-            orow[i] = a * cs[i] - c * sn[i];
-            orow[i + half] = a * sn[i] + c * cs[i];
-          }
+          rope_row(xr, st[3], op + ((size_t(b) * H + h) * T + t) * dims, ang);
         }
       }
     }
@@ -115,6 +92,36 @@ void Rope::eval_gpu(const std::vector<mx::array>&, mx::array&) {
 bool Rope::is_equivalent(const mx::Primitive& other) const {
   const auto& o = static_cast<const Rope&>(other);
   return dims_ == o.dims_ && base_ == o.base_ && scale_ == o.scale_;
+}
+
+// ---------------------------------------------------------------- gated activation
+
+mx::array gated_activation_op(const mx::array& gate, const mx::array& up, bool gelu, mx::StreamOrDevice s) {
+  if (gate.shape() != up.shape()) throw std::invalid_argument("gated_activation: gate and up must have one shape");
+  auto stream = mx::to_stream(s);
+  return mx::array(gate.shape(), mx::float32, std::make_shared<GatedActivation>(stream, gelu),
+                   {mx::astype(gate, mx::float32, stream), mx::astype(up, mx::float32, stream)});
+}
+
+void GatedActivation::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  const std::vector<mx::array> ops = row_contiguous_inputs(inputs, enc);
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  enc.set_input_array(ops[0]);
+  enc.set_input_array(ops[1]);
+  enc.set_output_array(out);
+  enc.dispatch([g = mx::array::unsafe_weak_copy(ops[0]), u = mx::array::unsafe_weak_copy(ops[1]),
+                out = mx::array::unsafe_weak_copy(out), gelu = gelu_]() mutable {
+    gated_activation(g.data<float>(), u.data<float>(), out.data<float>(), out.size(), gelu);
+  });
+}
+
+void GatedActivation::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("MmtGatedActivation runs on the CPU only");
+}
+
+bool GatedActivation::is_equivalent(const mx::Primitive& other) const {
+  return gelu_ == static_cast<const GatedActivation&>(other).gelu_;
 }
 
 }  // namespace mmt

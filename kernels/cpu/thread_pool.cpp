@@ -1,6 +1,7 @@
 #include "thread_pool.h"
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <mutex>
 #include <thread>
@@ -16,12 +17,16 @@
 namespace mmt {
 namespace {
 
+// After a job a worker keeps polling for the next one this long before it sleeps: a decode step runs a
+// product every ~20-100 us, and waking a sleeping thread through the kernel costs about as much as one.
+constexpr auto kSpin = std::chrono::microseconds(300);
+
 class Pool {
  public:
   ~Pool() {
     {
       std::lock_guard<std::mutex> lk(m_);
-      stop_ = true;
+      stop_.store(true);
     }
     cv_.notify_all();
     for (auto& t : workers_) t.join();
@@ -30,26 +35,23 @@ class Pool {
   void run(int nchunks, int nthreads, const std::function<void(int)>& fn) {
     std::lock_guard<std::mutex> serial(run_m_);  // one job at a time (MLX may evaluate on several threads)
     while (int(workers_.size()) < nthreads - 1) workers_.emplace_back([this, i = int(workers_.size())] { loop(i); });
+    fn_ = &fn;
+    total_ = nchunks;
+    wanted_ = nthreads - 1;
+    next_.store(0, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    open_.store(true, std::memory_order_release);  // publishes fn_, total_, wanted_ and next_
     {
-      std::lock_guard<std::mutex> lk(m_);
-      fn_ = &fn;
-      total_ = nchunks;
-      next_.store(0);
-      done_.store(0);
-      wanted_ = nthreads - 1;
-      open_ = true;
-      ++gen_;
+      std::lock_guard<std::mutex> lk(m_);  // a worker about to sleep sees the new generation or is woken
+      gen_.fetch_add(1, std::memory_order_release);
     }
-    cv_.notify_all();
+    if (sleeping_.load(std::memory_order_acquire) > 0) cv_.notify_all();
     work();
     for (int spins = 0; done_.load(std::memory_order_acquire) < total_; ++spins) {
-      if (spins < 2000) MMT_PAUSE(); else std::this_thread::yield();
+      if (spins < 20000) MMT_PAUSE(); else std::this_thread::yield();
     }
-    {
-      std::lock_guard<std::mutex> lk(m_);
-      open_ = false;  // workers not yet inside stay out of this job
-    }
-    while (inside_.load(std::memory_order_acquire) > 0) std::this_thread::yield();
+    open_.store(false, std::memory_order_release);  // workers not yet inside stay out of this job
+    while (inside_.load(std::memory_order_acquire) > 0) MMT_PAUSE();
   }
 
  private:
@@ -60,19 +62,37 @@ class Pool {
     }
   }
 
+  // Works on the current job if it is still open and this worker is wanted for it.
+  void join(int index) {
+    inside_.fetch_add(1, std::memory_order_acq_rel);
+    if (open_.load(std::memory_order_acquire) && index < wanted_) work();
+    inside_.fetch_sub(1, std::memory_order_acq_rel);
+  }
+
   void loop(int index) {
     unsigned long long seen = 0;
     for (;;) {
-      {
-        std::unique_lock<std::mutex> lk(m_);
-        cv_.wait(lk, [&] { return stop_ || gen_ != seen; });
-        if (stop_) return;
-        seen = gen_;
-        if (!open_ || index >= wanted_) continue;
-        inside_.fetch_add(1, std::memory_order_acq_rel);
+      // poll for a while, then sleep until the next job
+      const auto until = std::chrono::steady_clock::now() + kSpin;
+      bool got = false;
+      for (int spins = 0;; ++spins) {
+        if (stop_.load(std::memory_order_acquire)) return;
+        if (gen_.load(std::memory_order_acquire) != seen) {
+          got = true;
+          break;
+        }
+        MMT_PAUSE();
+        if ((spins & 255) == 255 && std::chrono::steady_clock::now() > until) break;
       }
-      work();
-      inside_.fetch_sub(1, std::memory_order_acq_rel);
+      if (!got) {
+        std::unique_lock<std::mutex> lk(m_);
+        sleeping_.fetch_add(1, std::memory_order_acq_rel);
+        cv_.wait(lk, [&] { return stop_.load() || gen_.load() != seen; });
+        sleeping_.fetch_sub(1, std::memory_order_acq_rel);
+        if (stop_.load()) return;
+      }
+      seen = gen_.load(std::memory_order_acquire);
+      join(index);
     }
   }
 
@@ -80,10 +100,10 @@ class Pool {
   std::condition_variable cv_;
   std::vector<std::thread> workers_;
   const std::function<void(int)>* fn_ = nullptr;
-  std::atomic<int> next_{0}, done_{0}, inside_{0};
+  std::atomic<int> next_{0}, done_{0}, inside_{0}, sleeping_{0};
+  std::atomic<bool> open_{false}, stop_{false};
+  std::atomic<unsigned long long> gen_{0};
   int total_ = 0, wanted_ = 0;
-  bool open_ = false, stop_ = false;
-  unsigned long long gen_ = 0;
 };
 
 }  // namespace

@@ -31,6 +31,14 @@ def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
     return mx.fast.rms_norm(x, weight, eps)
 
 
+def gated_activation(gate: mx.array, up: mx.array, gelu: bool = False) -> mx.array:
+    """act(gate) * up, act SiLU or GELU's tanh approximation; one native node on the CPU (the fused decode
+    layer computes it with the same function, so both paths give the same bits)."""
+    if native.enabled():
+        return native.gated_activation(gate, up, gelu)
+    return (nn.gelu_approx(gate) if gelu else nn.silu(gate)) * up
+
+
 class RoPE(nn.RoPE):
     """nn.RoPE (half-split or traditional); the half-split form over whole heads is one native node on the CPU."""
 

@@ -9,7 +9,8 @@ import mlx.nn as nn
 import numpy as np
 
 from mmt_mlx.cache import BatchCache, KVCache, SlidingKVCache
-from mmt_mlx.models.base import RoPE, cached_attention, rms_norm
+from mmt_mlx.models import fused_layer
+from mmt_mlx.models.base import RoPE, cached_attention, gated_activation, rms_norm
 from mmt_mlx.models.checkpoint import (
     COMMON_GGUF_LAYER_NAMES,
     GGUFGetter,
@@ -40,6 +41,13 @@ class ModelArgs:
         return (layer + 1) % self.sliding_window_pattern == 0
 
 
+class _PlusOne:
+    """1 + w of the weight last seen (a plain object: nn.Module does not count it as a parameter)."""
+
+    src: mx.array | None = None
+    value: mx.array | None = None
+
+
 class RMSNorm(nn.Module):
     """Gemma's norm scales by (1 + weight); weights are stored as w, like Hugging Face checkpoints."""
 
@@ -47,9 +55,18 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = mx.zeros((dims,))
         self.eps = eps
+        self._plus_one = _PlusOne()
+
+    def multiplier(self) -> mx.array:
+        """1 + weight, computed once per weight array (not one add node per call)."""
+        p, w = self._plus_one, self["weight"]
+        if p.src is not w:
+            p.src, p.value = w, 1.0 + w
+        assert p.value is not None
+        return p.value
 
     def __call__(self, x: mx.array) -> mx.array:
-        return rms_norm(x, 1.0 + self.weight, self.eps)
+        return rms_norm(x, self.multiplier(), self.eps)
 
 
 class Attention(nn.Module):
@@ -87,7 +104,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(gated_activation(self.gate_proj(x), self.up_proj(x), gelu=True))
 
 
 class Block(nn.Module):
@@ -105,6 +122,20 @@ class Block(nn.Module):
         h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cache))
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
+    def fused_spec(self) -> fused_layer.LayerSpec:
+        """The layer as one native decode node takes it (item access: cheaper than nn.Module attributes)."""
+        a, m = self["self_attn"], self["mlp"]
+        norms = [self["input_layernorm"], a["q_norm"], a["k_norm"], self["post_attention_layernorm"],
+                 self["pre_feedforward_layernorm"], self["post_feedforward_layernorm"]]  # fmt: skip
+        return fused_layer.LayerSpec(
+            norms=[n.multiplier() for n in norms],
+            linears=[a["q_proj"], a["k_proj"], a["v_proj"], a["o_proj"], m["gate_proj"], m["up_proj"],
+                     m["down_proj"]],
+            heads=a.n_heads, kv_heads=a.n_kv, head_dim=a.head_dim, eps=norms[0].eps,
+            rope_base=a["rope"].base, rope_scale=a["rope"].scale, attn_scale=a.scale,
+            gelu=True, qk_norm=True, sandwich=True, window=a.window,
+        )  # fmt: skip
+
 
 class Model(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
@@ -118,8 +149,10 @@ class Model(nn.Module):
         cache = cache if cache is not None else self.make_cache()
         h = self.embed_tokens(tokens)
         h = h * mx.array(self.args.hidden_size**0.5, dtype=h.dtype)
+        fused = fused_layer.applies(h)
         for layer, c in zip(self.layers, cache):
-            h = layer(h, c)
+            y = fused_layer.run(layer, h, c) if fused else None
+            h = y if y is not None else layer(h, c)
         return self.embed_tokens.as_linear(self.norm(h))
 
     def make_cache(self) -> list:

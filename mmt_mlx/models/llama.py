@@ -9,7 +9,8 @@ import mlx.nn as nn
 import numpy as np
 
 from mmt_mlx.cache import BatchCache, KVCache
-from mmt_mlx.models.base import RMSNorm, RoPE, cached_attention
+from mmt_mlx.models import fused_layer
+from mmt_mlx.models.base import RMSNorm, RoPE, cached_attention, gated_activation
 from mmt_mlx.models.checkpoint import (
     COMMON_GGUF_LAYER_NAMES,
     GGUFGetter,
@@ -69,7 +70,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(gated_activation(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):
@@ -83,6 +84,17 @@ class Block(nn.Module):
     def __call__(self, x: mx.array, cache: KVCache | BatchCache) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), cache)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+    def fused_spec(self) -> fused_layer.LayerSpec:
+        """The layer as one native decode node takes it (item access: cheaper than nn.Module attributes)."""
+        a, m = self["self_attn"], self["mlp"]
+        return fused_layer.LayerSpec(
+            norms=[self["input_layernorm"]["weight"], self["post_attention_layernorm"]["weight"]],
+            linears=[a["q_proj"], a["k_proj"], a["v_proj"], a["o_proj"], m["gate_proj"], m["up_proj"],
+                     m["down_proj"]],
+            heads=a.n_heads, kv_heads=a.n_kv, head_dim=a.head_dim, eps=self["input_layernorm"].eps,
+            rope_base=a["rope"].base, rope_scale=a["rope"].scale, attn_scale=a.scale,
+        )  # fmt: skip
 
 
 class Model(nn.Module):
@@ -99,8 +111,10 @@ class Model(nn.Module):
         """(B, L) token ids -> (B, L, vocab) logits; ``cache`` from make_cache() carries earlier tokens."""
         cache = cache if cache is not None else self.make_cache()
         h = self.embed_tokens(tokens)
+        fused = fused_layer.applies(h)
         for layer, c in zip(self.layers, cache):
-            h = layer(h, c)
+            y = fused_layer.run(layer, h, c) if fused else None
+            h = y if y is not None else layer(h, c)
         h = self.norm(h)
         if self.args.tie_word_embeddings:
             return self.embed_tokens.as_linear(h)

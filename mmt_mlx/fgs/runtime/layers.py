@@ -198,6 +198,15 @@ class FGSLinear(nn.Module):
         if bias is not None:
             self.bias = mx.array(np.asarray(bias, dtype=np.float32))
 
+    def affine_operands(self) -> tuple[mx.array, mx.array, mx.array, int, int] | None:
+        """(wq, scales, biases, group_size, bits) when W is one affine level and there is no bias (what the
+        fused native decode layer takes), else None."""
+        levels = self["levels"]  # item access: nn.Module's attribute fallback costs ~1 us a call, per token
+        lv = levels[0]
+        if len(levels) != 1 or "bias" in self or not isinstance(lv, QuantLevel):
+            return None
+        return lv["wq"], lv["scales"], lv["biases"], lv.group_size, lv.bits
+
     def __call__(self, x: mx.array) -> mx.array:
         y = self.levels[0](x)
         for lv in self.levels[1:]:

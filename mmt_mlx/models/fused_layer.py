@@ -1,0 +1,100 @@
+"""A lone decoded token runs each decoder layer as one native node (``kernels/cpu/decode_layer.h``).
+
+Built from MLX ops a layer is ~25 graph nodes per token; MLX's CPU scheduler keeps only a few tasks in flight,
+so queuing step t+1 ran most of step t on the host thread and graph building never overlapped computation
+(``bench/decode_host_time.py``). As one node per layer the host builds the next token's graph while this one
+runs, and the products use every core. It applies when the native kernels are on, one request decodes one
+token, its cache is a plain or sliding-window cache with earlier tokens, and every product of the layer has
+MLX's affine layout (a linear layer offering ``affine_operands()``). Otherwise the layer's separate ops run;
+both give the same bits (the node calls the same kernel functions). ``MMT_FUSED_LAYER=0`` turns it off (A/B runs).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from mmt_mlx import native
+from mmt_mlx.cache import BatchCache, KVCache, SlidingKVCache
+
+
+def enabled() -> bool:
+    return os.environ.get("MMT_FUSED_LAYER", "1").strip().lower() not in ("0", "off", "false")
+
+
+@dataclass
+class LayerSpec:
+    """What the node needs of one decoder layer; the model's block describes itself with it."""
+
+    norms: list[mx.array]  # input, (q, k), (post-attention), pre-MLP, (post-MLP): the weights as multiplied
+    linears: list  # q, k, v, o, gate, up, down projections
+    heads: int
+    kv_heads: int
+    head_dim: int
+    eps: float
+    rope_base: float
+    rope_scale: float
+    attn_scale: float
+    gelu: bool = False
+    qk_norm: bool = False
+    sandwich: bool = False
+    window: int | None = None
+
+
+def applies(x: mx.array) -> bool:
+    """Whether this forward (hidden states x) can run its layers as fused nodes: one request, one token."""
+    return (
+        x.ndim == 3
+        and x.shape[0] == 1
+        and x.shape[1] == 1
+        and x.dtype == mx.float32
+        and native.enabled()
+        and enabled()
+    )
+
+
+def run(block, x: mx.array, cache: object) -> mx.array | None:
+    """The block's output for the token x (1, 1, hidden) as one native node, updating ``cache``; None when the
+    block cannot take it (its cache is empty or batched, or a product is not affine): the caller runs its ops."""
+    if isinstance(cache, BatchCache):
+        if len(cache.caches) != 1:
+            return None
+        cache = cache.caches[0]
+    if not isinstance(cache, KVCache | SlidingKVCache) or cache.offset == 0 or cache.keys is None:
+        return None
+    if cache.keys.dtype != mx.float32:
+        return None
+    return decode(block.fused_spec(), x, cache)
+
+
+def decode(spec: LayerSpec, x: mx.array, cache: KVCache | SlidingKVCache) -> mx.array | None:
+    """The layer's output for the token x (1, 1, hidden), updating ``cache``; None when a product is not affine."""
+    weights: list[mx.array] = []
+    bits: list[int] = []
+    groups: list[int] = []
+    for lin in spec.linears:
+        ops = getattr(lin, "affine_operands", lambda: None)()
+        if ops is None:
+            return None
+        wq, scales, biases, group, b = ops
+        weights += [wq, scales, biases]
+        bits.append(b)
+        groups.append(group)
+    in_place = isinstance(cache, KVCache)
+    if in_place:  # room for the token: the node writes it into the buffer itself (decode_layer.h says why)
+        cache.reserve(1, (1, spec.kv_heads, 1, spec.head_dim), spec.head_dim, mx.float32)
+    assert cache.keys is not None and cache.values is not None
+    h, k, v = native.decode_layer(
+        x, cache.keys, cache.values, spec.norms, weights, bits, groups,
+        heads=spec.heads, kv_heads=spec.kv_heads, head_dim=spec.head_dim, eps=spec.eps,
+        rope_base=spec.rope_base, rope_scale=spec.rope_scale, attn_scale=spec.attn_scale, gelu=spec.gelu,
+        qk_norm=spec.qk_norm, sandwich=spec.sandwich, position=cache.offset,
+        cached=cache.offset if in_place else cache.keys.shape[2], window=spec.window or 0, write_cache=in_place,
+    )  # fmt: skip
+    if in_place:
+        cache.offset += 1
+    else:
+        cache.update_and_fetch(k, v)
+    return h

@@ -1,0 +1,147 @@
+"""The fused decode layer (one native node per decoder layer for a lone token) against the layers' own ops."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mmt_mlx  # noqa: F401  (preloads OpenBLAS before mlx.core)
+from mmt_mlx import native
+from mmt_mlx.cache import KVCache, SlidingKVCache
+from mmt_mlx.fgs.codes import TensorCode
+from mmt_mlx.fgs.encoders.quant import SUPPORTED_BITS, quantize
+from mmt_mlx.fgs.runtime.layers import FGSLinear
+from mmt_mlx.testing import tiny_model
+
+needs_native = pytest.mark.skipif(
+    native.mode() in ("0", "off", "false", "reference"), reason="MMT_NATIVE disables the native kernels"
+)
+PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
+               ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))  # fmt: skip
+
+
+def affine_tiny(arch: str):
+    """A tiny random model whose projections are FGS affine codes of every supported width and several groups."""
+    lm = tiny_model(arch)
+    k = 0
+    for block in lm.model.layers:
+        for parent, name in PROJECTIONS:
+            owner = getattr(block, parent)
+            w = np.array(getattr(owner, name).weight)
+            bits = SUPPORTED_BITS[k % len(SUPPORTED_BITS)]
+            group = 64 if w.shape[1] % 128 else (32, 64, 128)[k % 3]
+            k += 1
+            code = TensorCode(shape=w.shape, levels=[quantize(w, bits, group)])
+            setattr(owner, name, FGSLinear(code))
+    mx.eval(lm.model.parameters())
+    return lm
+
+
+def greedy_decode(lm, prompt: list[int], steps: int) -> tuple[list[np.ndarray], list]:
+    cache = lm.model.make_cache()
+    logits = lm.model(mx.array(prompt)[None], cache)[0, -1]
+    out = []
+    for _ in range(steps):
+        token = int(mx.argmax(logits).item())
+        logits = lm.model(mx.array([[token]]), cache)[0, -1]
+        out.append(np.array(logits))
+    return out, cache
+
+
+def _count_fused(monkeypatch) -> list[int]:
+    calls = [0]
+    real = native.decode_layer
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(native, "decode_layer", counting)
+    return calls
+
+
+@needs_native
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_fused_decode_equals_the_layer_ops_bit_for_bit(arch, monkeypatch):
+    """Every layer runs as one node (counted), across a KV buffer growth and past Gemma's sliding window; the
+    logits and the caches equal those of the separate native ops exactly."""
+    monkeypatch.setattr(KVCache, "step", 16)  # the 20-token prompt's buffer (32) grows during decoding
+    lm = affine_tiny(arch)
+    prompt, steps = list(range(5, 25)), 14
+    monkeypatch.setenv("MMT_FUSED_LAYER", "0")
+    want, want_cache = greedy_decode(lm, prompt, steps)
+    monkeypatch.setenv("MMT_FUSED_LAYER", "1")
+    calls = _count_fused(monkeypatch)
+    got, got_cache = greedy_decode(lm, prompt, steps)
+    assert calls[0] == steps * len(lm.model.layers)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    for g, w in zip(got_cache, want_cache):
+        assert (g.offset, type(g)) == (w.offset, type(w))
+        n = g.offset if isinstance(g, KVCache) else g.keys.shape[2]
+        assert w.keys.shape[2] >= n
+        np.testing.assert_array_equal(np.array(g.keys[..., :n, :]), np.array(w.keys[..., :n, :]))
+        np.testing.assert_array_equal(np.array(g.values[..., :n, :]), np.array(w.values[..., :n, :]))
+    if arch == "gemma3":
+        assert any(isinstance(c, SlidingKVCache) and c.start > 0 for c in got_cache)  # past the window
+
+
+@needs_native
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_fused_decode_matches_the_mlx_reference_path(arch, monkeypatch):
+    """Against MLX's own ops (MMT_NATIVE=0): the integer kernels round x to int16 per group (relative error
+    <= 2^-16 a product), which the random tiny layers amplify to ~1e-3 of the logits' scale."""
+    lm = affine_tiny(arch)
+    got, _ = greedy_decode(lm, list(range(7, 19)), 6)
+    monkeypatch.setenv("MMT_NATIVE", "0")
+    want, _ = greedy_decode(lm, list(range(7, 19)), 6)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=0, atol=5e-3 * np.abs(w).max())
+
+
+@needs_native
+def test_layers_it_cannot_take_run_their_ops(monkeypatch):
+    """A dense projection (no affine code) keeps its layer on the separate ops; the other layers still fuse, and
+    a batch of two rows never does."""
+    lm = affine_tiny("llama")
+    lm.model.layers[1].mlp.up_proj = tiny_model("llama").model.layers[1].mlp.up_proj  # dense nn.Linear
+    calls = _count_fused(monkeypatch)
+    got, _ = greedy_decode(lm, list(range(5, 15)), 3)
+    assert calls[0] == 3  # layer 0 only
+    monkeypatch.setenv("MMT_FUSED_LAYER", "0")
+    want, _ = greedy_decode(lm, list(range(5, 15)), 3)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    calls[0] = 0
+    monkeypatch.setenv("MMT_FUSED_LAYER", "1")
+    lm.model(mx.array([[3], [4]]), lm.model.make_cache())
+    assert calls[0] == 0
+
+
+@needs_native
+def test_decode_layer_rejects_bad_operands():
+    lm = affine_tiny("llama")
+    block = lm.model.layers[0]
+    spec = block.fused_spec()
+    weights, bits, groups = [], [], []
+    for lin in spec.linears:
+        wq, s, b, g, nb = lin.affine_operands()
+        weights += [wq, s, b]
+        bits.append(nb)
+        groups.append(g)
+    x = mx.zeros((1, 1, 64))
+    cache = mx.zeros((1, 2, 4, 16))
+    cfg = dict(heads=4, kv_heads=2, head_dim=16, eps=1e-5, rope_base=1e4, rope_scale=1.0, attn_scale=0.25,
+               gelu=False, qk_norm=False, sandwich=False, position=3, cached=3, window=0)  # fmt: skip
+    h, k, v = native.decode_layer(x, cache, cache, spec.norms, weights, bits, groups, **cfg)
+    assert h.shape == (1, 1, 64) and k.shape == v.shape == (1, 2, 1, 16)
+    with pytest.raises(ValueError, match="wrong number"):
+        native.decode_layer(x, cache, cache, spec.norms, weights[:-3], bits, groups, **cfg)
+    with pytest.raises(ValueError, match="no room"):
+        native.decode_layer(x, cache, cache, spec.norms, weights, bits, groups, **{**cfg, "cached": 4},
+                            write_cache=True)  # fmt: skip
+    with pytest.raises(ValueError, match="caches must be"):
+        native.decode_layer(x, cache[..., :8], cache, spec.norms, weights, bits, groups, **cfg)
+    with pytest.raises(ValueError, match="wrong rows|do not match"):
+        native.decode_layer(x, cache, cache, spec.norms, weights[3:6] + weights[3:], bits, groups, **cfg)
