@@ -7,7 +7,9 @@ A step is one token through the model with a 64-token cache, timed synchronously
 products are then timed alone: the same levels on inputs of the same shapes, evaluated together. "Other" is
 the step's evaluation minus the products (norms, RoPE, attention, cache writes, residual adds, views, and
 MLX's per-node scheduling). In the generator, building overlaps evaluation (``mx.async_eval``), so decode
-tokens/s is about 1 / max(build, eval).
+tokens/s is about 1 / max(build, eval). The products timed alone run one node each (on one thread, as outside
+a fused layer); the fused decode layers (``mmt_mlx/models/fused_layer.py``) share theirs over the pool, and
+their own profile (products, attention, the rest, inside the layer nodes) is reported beside.
 """
 
 from __future__ import annotations
@@ -22,12 +24,16 @@ import sys
 import tempfile
 import time
 
+# isort: off
+import mmt_mlx  # noqa: F401  (BLAS preload before mlx)
 import mlx.core as mx
 
+from mmt_mlx import native
 from mmt_mlx.fgs.runtime.layers import QuantLevel
 from mmt_mlx.fgs.runtime.rotq_layer import RotQLevel
 from mmt_mlx.loader import load_model
 from mmt_mlx.native import describe
+# isort: on
 
 
 def node_kinds(out: mx.array) -> collections.Counter:
@@ -55,6 +61,10 @@ def main() -> int:
     tok = mx.array([[1000]])
     kinds = node_kinds(model(tok, counted))  # a step as decode runs it (cache already allocated)
     build, run = [], []
+    profiled = native.enabled()
+    if profiled:
+        native.set_layer_profile(True)
+        native.take_layer_profile()
     for _ in range(args.steps):
         t0 = time.perf_counter()
         out = model(tok, cache)
@@ -62,6 +72,10 @@ def main() -> int:
         mx.eval(out)
         build.append(t1 - t0)
         run.append(time.perf_counter() - t1)
+    fused = {}
+    if profiled:
+        native.set_layer_profile(False)
+        fused = {k: v / args.steps for k, v in native.take_layer_profile().items()}
     levels = [m for _, m in model.named_modules() if isinstance(m, QuantLevel | RotQLevel)]
     xs = {c: mx.ones((1, 1, c)) for c in {lv.cols for lv in levels}}
     prod = []
@@ -80,12 +94,19 @@ def main() -> int:
         "nodes_per_token": sum(kinds.values()),
         "nodes_by_kind": dict(kinds.most_common()),
         "product_levels": len(levels),
+        "fused_layers_per_token": fused,
     }
     print(f"{lm.name}: {res['nodes_per_token']} graph nodes per token; top: {kinds.most_common(8)}")
     print(
         f"per token: build {ms['build']:.2f} ms (Python, overlapped in the generator), eval {ms['eval']:.2f} ms "
         f"= products {ms['products']:.2f} ms ({len(levels)} levels) + other {ms['other']:.2f} ms"
     )
+    if fused.get("layers"):
+        print(
+            f"inside the {fused['layers']:.0f} fused layer nodes per token: products {fused['products']:.2f} ms "
+            f"(shared over {describe().get('threads')} threads), attention {fused['attention']:.2f} ms, "
+            f"norms/RoPE/activation/adds {fused['rest']:.2f} ms"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

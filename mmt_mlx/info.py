@@ -60,6 +60,10 @@ def cmd_info(a: argparse.Namespace) -> int:
     if nat.get("reason"):
         line += f" ({nat['reason']})"
     print(line + f"; MMT_NATIVE={nat['mode']}")
+    if "fused_decode_layers" in nat:
+        on = nat["fused_decode_layers"]
+        print(f"decode: {'one native node per layer for a lone token' if on else 'separate per-op nodes'}"
+              f" (MMT_FUSED_LAYER={'1' if on else '0'})")  # fmt: skip
     print(f"f32 GEMM BLAS: {info['blas']}")
     return 0
 

@@ -3,7 +3,8 @@
 The extension is built by ``pip install`` when a C++ compiler and CMake are there (setup.py); without it, or
 when it was built against another MLX than the one installed (MLX has no stable C++ ABI), everything runs on
 the MLX-ops reference path and one line says so. ``MMT_NATIVE=0`` forces the MLX ops, ``MMT_NATIVE=1`` makes
-a missing extension an error; the default uses it on the CPU device when it loads.
+a missing extension an error; the default uses it on the CPU device when it loads. ``MMT_FUSED_LAYER=0`` keeps
+decode on the separate per-op nodes (the fused decode layer is on by default).
 """
 
 from __future__ import annotations
@@ -89,6 +90,11 @@ def enabled() -> bool:
     return False
 
 
+def fused_layers() -> bool:
+    """Whether a lone decoded token runs each decoder layer as one native node (``MMT_FUSED_LAYER=0``: off)."""
+    return os.environ.get("MMT_FUSED_LAYER", "1").strip().lower() not in ("0", "off", "false") and enabled()
+
+
 def quant_matmul(
     x: mx.array, wq: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int
 ) -> mx.array:
@@ -151,6 +157,7 @@ def describe() -> dict[str, object]:
             path="native CPU kernels" if enabled() else "MLX ops (reference)",
             isa=mod.isa(),
             threads=mod.num_threads(),
+            fused_decode_layers=fused_layers(),
             built_for_mlx=mod.built_mlx_version(),
         )
     return info
@@ -174,3 +181,15 @@ def decode_layer(
 ) -> list[mx.array]:
     """One decoder layer for one token as one native node (kernels/cpu/decode_layer.h): [h, keys', values']."""
     return _require().decode_layer(x, k_cache, v_cache, norms, weights, bits, groups, **config)
+
+
+def set_layer_profile(on: bool) -> None:
+    """Time the fused decode layers' sections (bench/decode_profile.py); off by default."""
+    _require().set_layer_profile(on)
+
+
+def take_layer_profile() -> dict[str, float]:
+    """ms spent in the fused layers' products, attention and the rest, and how many layers ran, since the last
+    call (then reset)."""
+    products, attention, rest, layers = _require().take_layer_profile()
+    return {"products": products, "attention": attention, "rest": rest, "layers": layers}

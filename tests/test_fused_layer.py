@@ -145,3 +145,31 @@ def test_decode_layer_rejects_bad_operands():
         native.decode_layer(x, cache[..., :8], cache, spec.norms, weights, bits, groups, **cfg)
     with pytest.raises(ValueError, match="wrong rows|do not match"):
         native.decode_layer(x, cache, cache, spec.norms, weights[3:6] + weights[3:], bits, groups, **cfg)
+
+
+@needs_native
+def test_layer_profile_counts_the_fused_layers():
+    lm = affine_tiny("llama")
+    native.set_layer_profile(True)
+    native.take_layer_profile()
+    try:
+        greedy_decode(lm, list(range(5, 12)), 3)
+        prof = native.take_layer_profile()
+    finally:
+        native.set_layer_profile(False)
+    assert prof["layers"] == 3 * len(lm.model.layers)
+    assert prof["products"] > 0 and prof["attention"] > 0 and prof["rest"] > 0
+    greedy_decode(lm, list(range(5, 12)), 1)
+    assert native.take_layer_profile()["layers"] == 0  # off again
+
+
+@needs_native
+def test_mmt_info_says_which_decode_path(monkeypatch, capsys):
+    from mmt_mlx.cli import main
+
+    assert main(["info"]) == 0
+    assert "one native node per layer for a lone token (MMT_FUSED_LAYER=1)" in capsys.readouterr().out
+    monkeypatch.setenv("MMT_FUSED_LAYER", "0")
+    assert main(["info"]) == 0
+    assert "separate per-op nodes (MMT_FUSED_LAYER=0)" in capsys.readouterr().out
+    assert native.describe()["fused_decode_layers"] is False

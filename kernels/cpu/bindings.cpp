@@ -3,6 +3,7 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
+#include <nanobind/stl/array.h>
 #include <nanobind/stl/vector.h>
 
 #include <stdexcept>
@@ -53,6 +54,9 @@ NB_MODULE(_native, m) {
       "kv_heads"_a, "head_dim"_a, "eps"_a, "rope_base"_a, "rope_scale"_a, "attn_scale"_a, "gelu"_a, "qk_norm"_a,
       "sandwich"_a, "position"_a, "cached"_a, "window"_a, "write_cache"_a = false, "stream"_a = nb::none(),
       "One decoder layer for one token in one CPU primitive: returns [h, k, v] (the token's key and value).");
+  m.def("set_layer_profile", &mmt::set_layer_profile, "on"_a, "Time the fused layers' sections (off by default).");
+  m.def("take_layer_profile", &mmt::take_layer_profile,
+        "[products, attention, rest] ms and the layer count since the last call; resets them.");
   m.def("set_num_threads", &mmt::set_num_threads, "n"_a, "Threads for the kernels (<= 0: default).");
   m.def("num_threads", &mmt::num_threads);
   m.def("isa", &mmt::isa, "Code path chosen for this CPU: 'avx2+fma+avx512vnni', 'avx2+fma' or 'scalar'.");

@@ -1,6 +1,8 @@
 #include "decode_layer.h"
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -18,6 +20,24 @@ namespace {
 
 constexpr int kCacheInputs = 3;  // x, k_cache, v_cache come first
 
+// The opt-in profile (set_layer_profile): nanoseconds per section over all fused layers since the last read.
+std::atomic<bool> g_profile{false};
+std::atomic<int64_t> g_profile_ns[3] = {0, 0, 0};  // products, attention, the rest (norms, RoPE, activation, adds)
+std::atomic<int64_t> g_profile_calls{0};
+
+// Adds the time since the last lap to a section when profiling is on.
+struct Laps {
+  bool on = g_profile.load(std::memory_order_relaxed);
+  std::chrono::steady_clock::time_point t = on ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
+  void lap(int section) {
+    if (!on) return;
+    const auto now = std::chrono::steady_clock::now();
+    g_profile_ns[section].fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(now - t).count(),
+                                    std::memory_order_relaxed);
+    t = now;
+  }
+};
+
 int norm_count(const DecodeLayerConfig& c) { return 2 + (c.qk_norm ? 2 : 0) + (c.sandwich ? 2 : 0); }
 
 AffineWeights affine_of(const mx::array& wq, const mx::array& scales, const mx::array& biases, int bits, int group) {
@@ -27,6 +47,15 @@ AffineWeights affine_of(const mx::array& wq, const mx::array& scales, const mx::
 }
 
 }  // namespace
+
+void set_layer_profile(bool on) { g_profile.store(on); }
+
+std::array<double, 4> take_layer_profile() {
+  std::array<double, 4> out{};
+  for (int i = 0; i < 3; ++i) out[i] = double(g_profile_ns[i].exchange(0)) * 1e-6;
+  out[3] = double(g_profile_calls.exchange(0));
+  return out;
+}
 
 std::vector<mx::array> decode_layer_op(const mx::array& x, const mx::array& k_cache, const mx::array& v_cache,
                                        const std::vector<mx::array>& norms, const std::vector<mx::array>& weights,
@@ -92,6 +121,8 @@ void DecodeLayer::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
   enc.dispatch([ins = std::move(ins), kc = mx::array::unsafe_weak_copy(kc), vc = mx::array::unsafe_weak_copy(vc),
                 h_out = mx::array::unsafe_weak_copy(outputs[0]), k_out = mx::array::unsafe_weak_copy(outputs[1]),
                 v_out = mx::array::unsafe_weak_copy(outputs[2]), cfg = cfg_]() mutable {
+    Laps laps;
+    constexpr int kProducts = 0, kAttention = 1, kRest = 2;
     const int Hq = cfg.heads, Hkv = cfg.kv_heads, D = cfg.head_dim, group = Hq / Hkv;
     const int d = ins[0].shape(-1);
     const int nn = norm_count(cfg);
@@ -117,9 +148,11 @@ void DecodeLayer::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
 
     // attention block
     rms_norm_rows(x, w_in, xn.data(), 1, d, cfg.eps);
+    laps.lap(kRest);
     affine_matvec_shared(W[0], xn.data(), q.data());
     affine_matvec_shared(W[1], xn.data(), k.data());
     affine_matvec_shared(W[2], xn.data(), v.data());
+    laps.lap(kProducts);
     if (cfg.qk_norm) {
       rms_norm_rows(q.data(), w_qn, q.data(), Hq, D, cfg.eps);
       rms_norm_rows(k.data(), w_kn, k.data(), Hkv, D, cfg.eps);
@@ -129,6 +162,7 @@ void DecodeLayer::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
     for (int i = 0; i < Hq; ++i) rope_row(q.data() + size_t(i) * D, 1, q.data() + size_t(i) * D, ang);
     for (int i = 0; i < Hkv; ++i) rope_row(k.data() + size_t(i) * D, 1, k.data() + size_t(i) * D, ang);
 
+    laps.lap(kRest);
     // attention over the cached keys in the window and the token's own key
     const int lo = cfg.window > 0 ? std::max(0, cfg.cached + 1 - cfg.window) : 0, lk = cfg.cached + 1 - lo;
     const auto &ks = kc.strides(), &vs = vc.strides();
@@ -153,19 +187,27 @@ void DecodeLayer::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
                     size_t(D) * sizeof(float));
       }
     }
+    laps.lap(kAttention);
     affine_matvec_shared(W[3], att.data(), o.data());
+    laps.lap(kProducts);
     if (cfg.sandwich) rms_norm_rows(o.data(), w_post_attn, o.data(), 1, d, cfg.eps);
     for (int i = 0; i < d; ++i) h[i] = x[i] + o[i];
 
     // MLP block
     rms_norm_rows(h.data(), w_pre_mlp, xn.data(), 1, d, cfg.eps);
+    laps.lap(kRest);
     affine_matvec_shared(W[4], xn.data(), g.data());
     affine_matvec_shared(W[5], xn.data(), u.data());
+    laps.lap(kProducts);
     gated_activation(g.data(), u.data(), a.data(), inter, cfg.gelu);
+    laps.lap(kRest);
     affine_matvec_shared(W[6], a.data(), o.data());
+    laps.lap(kProducts);
     if (cfg.sandwich) rms_norm_rows(o.data(), w_post_mlp, o.data(), 1, d, cfg.eps);
     float* out = h_out.data<float>();
     for (int i = 0; i < d; ++i) out[i] = h[i] + o[i];
+    laps.lap(kRest);
+    if (laps.on) g_profile_calls.fetch_add(1, std::memory_order_relaxed);
   });
 }
 

@@ -48,6 +48,12 @@ std::vector<mx::array> decode_layer_op(const mx::array& x, const mx::array& k_ca
                                        const std::vector<mx::array>& norms, const std::vector<mx::array>& weights,
                                        const DecodeLayerConfig& cfg, mx::StreamOrDevice s = {});
 
+// An opt-in profile of the fused layers (bench/decode_profile.py): while on, each layer adds its time per
+// section; take_layer_profile returns {products, attention, rest} in ms and the number of layers run since the
+// last call, and resets them.
+void set_layer_profile(bool on);
+std::array<double, 4> take_layer_profile();
+
 class DecodeLayer : public mx::Primitive {
  public:
   DecodeLayer(mx::Stream stream, DecodeLayerConfig cfg) : mx::Primitive(stream), cfg_(cfg) {}

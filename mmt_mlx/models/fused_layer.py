@@ -11,17 +11,12 @@ both give the same bits (the node calls the same kernel functions). ``MMT_FUSED_
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import mlx.core as mx
 
 from mmt_mlx import native
 from mmt_mlx.cache import BatchCache, KVCache, SlidingKVCache
-
-
-def enabled() -> bool:
-    return os.environ.get("MMT_FUSED_LAYER", "1").strip().lower() not in ("0", "off", "false")
 
 
 @dataclass
@@ -50,8 +45,7 @@ def applies(x: mx.array) -> bool:
         and x.shape[0] == 1
         and x.shape[1] == 1
         and x.dtype == mx.float32
-        and native.enabled()
-        and enabled()
+        and native.fused_layers()
     )
 
 
