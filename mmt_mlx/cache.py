@@ -13,6 +13,13 @@ import mlx.core as mx
 
 
 class KVCache:
+    """Keys/values in a buffer grown ``step`` positions at a time.
+
+    The buffer's positions from ``offset`` on belong to this cache alone: prefix copies and a batch's rows get
+    arrays that end at their offset, so their first append reallocates. The fused decode layer relies on it
+    to write a token's key and value into the buffer in place (``kernels/cpu/decode_layer.h``).
+    """
+
     step = 256
 
     def __init__(self) -> None:

@@ -173,3 +173,37 @@ def test_mmt_info_says_which_decode_path(monkeypatch, capsys):
     assert main(["info"]) == 0
     assert "separate per-op nodes (MMT_FUSED_LAYER=0)" in capsys.readouterr().out
     assert native.describe()["fused_decode_layers"] is False
+
+
+@needs_native
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_in_place_cache_writes_leave_prompt_cache_entries_intact(arch):
+    """The fused node writes each token's key into the KV buffer in place. A prompt-cache entry, a branch that
+    reuses part of it and a turn that reuses all of it must each decode as from a cold cache."""
+    from mmt_mlx.batch_generate import BatchGenerator
+    from mmt_mlx.generate import stream_generate
+    from mmt_mlx.prompt_cache import PromptCache
+    from mmt_mlx.request import make_request
+
+    lm = affine_tiny(arch)
+
+    def run(gen, prompt):
+        uid = gen.add(make_request(lm, prompt, max_tokens=8))
+        out = []
+        while len(gen):
+            out += [ev.chunk for ev in gen.step() if ev.uid == uid]
+        return out
+
+    def cold(prompt):
+        return [c.token for c in stream_generate(lm, prompt, max_tokens=8)]
+
+    gen = BatchGenerator(lm, max_batch=1, prompt_cache=PromptCache())
+    first = list(range(200, 230))
+    out1 = run(gen, first)
+    assert [c.token for c in out1] == cold(first)
+    branch = first[:20] + [5, 6, 7]  # reuses part of the entry, then writes its own keys
+    assert [c.token for c in run(gen, branch)] == cold(branch)
+    turn2 = first + [c.token for c in out1] + [9, 10, 11]  # reuses the whole first entry
+    warm = run(gen, turn2)
+    assert warm[0].cached_tokens > 0
+    assert [c.token for c in warm] == cold(turn2)
