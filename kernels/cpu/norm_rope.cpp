@@ -19,18 +19,28 @@ mx::array rms_norm_op(const mx::array& x, const mx::array& w, float eps, mx::Str
                    {mx::astype(x, mx::float32, stream), mx::astype(w, mx::float32, stream)});
 }
 
-void RmsNorm::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  auto& enc = mx::cpu::get_command_encoder(stream());
+namespace {
+
+// Two f32 inputs (made row-contiguous) -> out, computed on the stream by fn(a, b, out).
+template <class F>
+void eval_binary(mx::Stream stream, const std::vector<mx::array>& inputs, mx::array& out, F fn) {
+  auto& enc = mx::cpu::get_command_encoder(stream);
   const std::vector<mx::array> ops = row_contiguous_inputs(inputs, enc);
   out.set_data(mx::allocator::malloc(out.nbytes()));
   enc.set_input_array(ops[0]);
   enc.set_input_array(ops[1]);
   enc.set_output_array(out);
-  const int d = ops[0].shape(-1);
-  const size_t rows = d ? ops[0].size() / d : 0;
-  enc.dispatch([x = mx::array::unsafe_weak_copy(ops[0]), w = mx::array::unsafe_weak_copy(ops[1]),
-                out = mx::array::unsafe_weak_copy(out), d, rows, eps = eps_]() mutable {
-    rms_norm_rows(x.data<float>(), w.data<float>(), out.data<float>(), rows, d, eps);
+  enc.dispatch([a = mx::array::unsafe_weak_copy(ops[0]), b = mx::array::unsafe_weak_copy(ops[1]),
+                out = mx::array::unsafe_weak_copy(out), fn]() mutable { fn(a, b, out); });
+}
+
+}  // namespace
+
+void RmsNorm::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  eval_binary(stream(), inputs, out, [eps = eps_](const mx::array& x, const mx::array& w, mx::array& o) {
+    const int d = x.shape(-1);
+    const size_t rows = d ? x.size() / d : 0;
+    rms_norm_rows(x.data<float>(), w.data<float>(), o.data<float>(), rows, d, eps);
   });
 }
 
@@ -104,15 +114,8 @@ mx::array gated_activation_op(const mx::array& gate, const mx::array& up, bool g
 }
 
 void GatedActivation::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  const std::vector<mx::array> ops = row_contiguous_inputs(inputs, enc);
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  enc.set_input_array(ops[0]);
-  enc.set_input_array(ops[1]);
-  enc.set_output_array(out);
-  enc.dispatch([g = mx::array::unsafe_weak_copy(ops[0]), u = mx::array::unsafe_weak_copy(ops[1]),
-                out = mx::array::unsafe_weak_copy(out), gelu = gelu_]() mutable {
-    gated_activation(g.data<float>(), u.data<float>(), out.data<float>(), out.size(), gelu);
+  eval_binary(stream(), inputs, out, [gelu = gelu_](const mx::array& g, const mx::array& u, mx::array& o) {
+    gated_activation(g.data<float>(), u.data<float>(), o.data<float>(), o.size(), gelu);
   });
 }
 
