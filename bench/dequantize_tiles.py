@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 # isort: off
 import mmt_mlx  # noqa: F401  (first: it preloads pip's OpenBLAS, or MLX's matmul binds its reference BLAS)
@@ -16,19 +15,9 @@ import mlx.core as mx
 
 # isort: on
 from mmt_mlx import native
+from mmt_mlx.bench.timing import best_ms
 
 WIDTHS = [(2, 64), (3, 64), (4, 32), (5, 32), (6, 128), (8, 32)]
-
-
-def _ms(fn, reps: int) -> float:
-    mx.eval(fn())
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            mx.eval(fn())
-        best = min(best, (time.perf_counter() - t0) / reps)
-    return best * 1e3
 
 
 def _width(x: mx.array, bits: int, group: int, reps: int) -> dict:
@@ -38,9 +27,9 @@ def _width(x: mx.array, bits: int, group: int, reps: int) -> dict:
     mx.eval(x, w, wq, s, b, s16, b16)
     return {
         "bits": bits, "group": group,
-        "mlx_dequantize_ms": round(_ms(lambda: mx.dequantize(wq, s, b, group_size=group, bits=bits), reps), 3),
-        "native_dequantize_ms": round(_ms(lambda: native.dequantize(wq, s16, b16, group, bits), reps), 3),
-        "gemm_256_tokens_ms": round(_ms(lambda: x @ w.T, reps), 3),
+        "mlx_dequantize_ms": round(best_ms(lambda: mx.dequantize(wq, s, b, group_size=group, bits=bits), reps), 3),
+        "native_dequantize_ms": round(best_ms(lambda: native.dequantize(wq, s16, b16, group, bits), reps), 3),
+        "gemm_256_tokens_ms": round(best_ms(lambda: x @ w.T, reps), 3),
     }  # fmt: skip
 
 

@@ -10,12 +10,15 @@ block 8; quant: 4-bit, group 64 (quantized_matmul and dequantize+GEMM both shown
 from __future__ import annotations
 
 import argparse
-import time
 
+# isort: off
+import mmt_mlx  # noqa: F401  (first: it preloads pip's OpenBLAS, or MLX's matmul binds its reference BLAS)
 import mlx.core as mx
+
+# isort: on
 import numpy as np
 
-import mmt_mlx  # noqa: F401  (preloads OpenBLAS before mlx.core)
+from mmt_mlx.bench.timing import best_ms
 from mmt_mlx.fgs.runtime import ops
 
 try:
@@ -24,32 +27,21 @@ except ImportError:  # the codec module is optional here
     sigma_grid = None
 
 
-def _time(fn, reps: int) -> float:
-    mx.eval(fn())
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            mx.eval(fn())
-        best = min(best, (time.perf_counter() - t0) / reps)
-    return best * 1e3
-
-
 def _row(x: mx.array, w: mx.array, gauss: tuple, circ: tuple, quant: tuple, reps: int) -> None:
     t, cols = x.shape
     rows = w.shape[0]
     amp, mu, sidx, grid, perm, fidx = gauss
     sr, si, b = circ
     wq, sc, bi = quant
-    dense = _time(lambda: x @ w.T, reps)
-    g = _time(lambda: ops.gaussian_matmul(x, amp, mu, sidx, grid, perm, flat_index=fidx), reps)
-    c = _time(lambda: ops.circulant_matmul(x, sr, si, rows, cols, b, freq_major=True), reps)
-    q = _time(lambda: ops.quant_matmul(x, wq, sc, bi, 64, 4), reps)
+    dense = best_ms(lambda: x @ w.T, reps)
+    g = best_ms(lambda: ops.gaussian_matmul(x, amp, mu, sidx, grid, perm, flat_index=fidx), reps)
+    c = best_ms(lambda: ops.circulant_matmul(x, sr, si, rows, cols, b, freq_major=True), reps)
+    q = best_ms(lambda: ops.quant_matmul(x, wq, sc, bi, 64, 4), reps)
     qmm_reps = max(1, reps // (10 if t > 1 else 1))  # ~2 GFLOP/s: keep the prefill rows short
-    qmm = _time(lambda: mx.quantized_matmul(x, wq, sc, bi, transpose=True, group_size=64, bits=4), qmm_reps)
+    qmm = best_ms(lambda: mx.quantized_matmul(x, wq, sc, bi, transpose=True, group_size=64, bits=4), qmm_reps)
     old = ops._QMM_MAX_TOKENS_CPU
     ops._QMM_MAX_TOKENS_CPU = 0  # force the dequantize + GEMM path
-    deq = _time(lambda: ops.quant_matmul(x, wq, sc, bi, 64, 4), reps)
+    deq = best_ms(lambda: ops.quant_matmul(x, wq, sc, bi, 64, 4), reps)
     ops._QMM_MAX_TOKENS_CPU = old
     print(f"{rows:>8} x {cols:<6} {t:>6} {dense:9.3f} {g:10.3f} {c:9.3f} {q:9.3f} {qmm:9.3f} {deq:9.3f}")
 

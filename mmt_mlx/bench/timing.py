@@ -17,6 +17,18 @@ if TYPE_CHECKING:
     from mmt_mlx.build import LoadedModel
 
 
+def best_ms(fn, reps: int) -> float:
+    """Milliseconds per call of fn() evaluated: the best of 3 rounds of ``reps`` calls, after one warm-up."""
+    mx.eval(fn())
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            mx.eval(fn())
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return best * 1e3
+
+
 def bench_tokens(vocab: int, n: int, seed: int = 0) -> list[int]:
     """Random ids away from the low (special) ids, as llama-bench feeds random tokens."""
     rng = np.random.default_rng(seed)
