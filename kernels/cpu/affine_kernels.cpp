@@ -364,10 +364,8 @@ void matvec(const AffineWeights& w, const RowReader& rd, const float* x, float* 
     for (int j = g * w.group; j < (g + 1) * w.group; ++j) s += x[j];
     xsum[g] = s;
   }
-  // One token runs on the calling thread: in the decode loop the other core is building the next step's graph
-  // (mx.async_eval), and a worker sharing that core stalls the product (measured on SmolLM2, 2 cores: 30-38
-  // tok/s with 2 threads, 35 with only the LM head split, 40-43 with one thread). Only a vocabulary head far
-  // larger than the rest is split: it runs last, when the builder is idle.
+  // One token runs on the calling thread (outside a fused layer the other core is building the next step's
+  // graph), unless the matrix is a vocabulary head (split_matvec_weights) or `shared` (inside a fused layer).
   const IntDotRows idot4 = pick_int_dot_rows<4>(w.bits), idot1 = pick_int_dot_rows<1>(w.bits);
   int r = 0;
   if (idot4 && nthreads > 1 && (shared || size_t(w.rows) * w.cols >= split_matvec_weights())) {
@@ -543,6 +541,67 @@ void affine_matvec_shared(const AffineWeights& w, const float* x, float* y) {
   if (w.rows == 0) return;
   const RowReader rd(w);
   matvec(w, rd, x, y, num_threads(), true);
+}
+
+void affine_matvec_shared_many(int n, const AffineWeights* ws, const float* x, float* const* ys) {
+  const int nthreads = num_threads();
+  for (int i = 0; i < n; ++i) {
+    if (!pick_int_dot_rows<4>(ws[i].bits) || ws[i].rows == 0) {  // no integer kernel here: one at a time
+      for (int j = 0; j < n; ++j) affine_matvec_shared(ws[j], x, ys[j]);
+      return;
+    }
+  }
+  // x prepared once per matrix (its group and width), then one pool job over all of their row chunks: fewer
+  // fork/joins, and small matrices (k and v) no longer leave a thread idle on their own. Chunks are 64 rows
+  // from each matrix's start, as in matvec, so each row takes the same kernel and the bits match.
+  constexpr int kRows = 64;
+  struct Part {
+    const AffineWeights* w;
+    std::vector<RowReader> rd;
+    IntX qx;
+    std::vector<float> xsum;
+    IntDotRows i4, i1;
+    float* y;
+    int first_chunk;
+  };
+  std::vector<Part> parts(n);
+  int nchunks = 0;
+  for (int i = 0; i < n; ++i) {
+    Part& p = parts[i];
+    const AffineWeights& w = ws[i];
+    p.w = &w;
+    p.rd.emplace_back(w);
+    prepare_int_x(x, w.cols, w.group, w.bits, p.qx);
+    const int ng = w.cols / w.group;
+    p.xsum.resize(ng);
+    for (int g = 0; g < ng; ++g) {
+      float s = 0.f;
+      for (int j = g * w.group; j < (g + 1) * w.group; ++j) s += x[j];
+      p.xsum[g] = s;
+    }
+    p.i4 = pick_int_dot_rows<4>(w.bits);
+    p.i1 = pick_int_dot_rows<1>(w.bits);
+    p.y = ys[i];
+    p.first_chunk = nchunks;
+    nchunks += (w.rows + kRows - 1) / kRows;
+  }
+  parallel_for(nchunks, nthreads, [&](int c) {
+    int i = n - 1;
+    while (parts[i].first_chunk > c) --i;
+    const Part& p = parts[i];
+    const AffineWeights& w = *p.w;
+    const RowReader& rd = p.rd[0];
+    const int r0 = (c - p.first_chunk) * kRows, r1 = std::min(w.rows, r0 + kRows);
+    int q = r0;
+    for (; q + 4 <= r1; q += 4) {
+      const uint8_t* rows[4] = {rd.row(q), rd.row(q + 1), rd.row(q + 2), rd.row(q + 3)};
+      p.i4(w, rows, q, p.qx, p.xsum.data(), p.y + q);
+    }
+    for (; q < r1; ++q) {
+      const uint8_t* row[1] = {rd.row(q)};
+      p.i1(w, row, q, p.qx, p.xsum.data(), p.y + q);
+    }
+  });
 }
 
 void affine_matmul(const AffineWeights& w, const float* x, float* y, int tokens) {

@@ -56,6 +56,10 @@ void affine_matmul(const AffineWeights& w, const float* x, float* y, int tokens)
 // builder is idle while it runs); the same bits as affine_matmul's one-token product.
 void affine_matvec_shared(const AffineWeights& w, const float* x, float* y);
 
+// ys[i] = ws[i] x for n matrices of the same input width (q/k/v, gate/up) in one pool job; the same bits as
+// affine_matvec_shared on each.
+void affine_matvec_shared_many(int n, const AffineWeights* ws, const float* x, float* const* ys);
+
 // out (rows, cols) = W as f32 (a long prompt's tile, then the BLAS GEMM): rows shared out by the pool.
 void affine_dequantize(const AffineWeights& w, float* out);
 

@@ -149,9 +149,10 @@ void DecodeLayer::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
     // attention block
     rms_norm_rows(x, w_in, xn.data(), 1, d, cfg.eps);
     laps.lap(kRest);
-    affine_matvec_shared(W[0], xn.data(), q.data());
-    affine_matvec_shared(W[1], xn.data(), k.data());
-    affine_matvec_shared(W[2], xn.data(), v.data());
+    {
+      float* ys[3] = {q.data(), k.data(), v.data()};
+      affine_matvec_shared_many(3, W, xn.data(), ys);
+    }
     laps.lap(kProducts);
     if (cfg.qk_norm) {
       rms_norm_rows(q.data(), w_qn, q.data(), Hq, D, cfg.eps);
@@ -196,8 +197,10 @@ void DecodeLayer::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
     // MLP block
     rms_norm_rows(h.data(), w_pre_mlp, xn.data(), 1, d, cfg.eps);
     laps.lap(kRest);
-    affine_matvec_shared(W[4], xn.data(), g.data());
-    affine_matvec_shared(W[5], xn.data(), u.data());
+    {
+      float* ys[2] = {g.data(), u.data()};
+      affine_matvec_shared_many(2, W + 4, xn.data(), ys);
+    }
     laps.lap(kProducts);
     gated_activation(g.data(), u.data(), a.data(), inter, cfg.gelu);
     laps.lap(kRest);
