@@ -336,7 +336,7 @@ IntDotRows pick_int_dot_rows(int bits) {
 // One-token products of at least this many weights are split over the pool (MMT_SPLIT_MATVEC, weights; 0: never).
 // Measured 2026-12-03 (2 cores): Gemma 3's 262,144 x 640 head split gives decode +19%. SmolLM2's 49,152 x 576
 // head split gave nothing while the graph builder shared the core; with the fused decode layers (a short
-// build) it gives +15% (paired runs, 47.9 -> 55.4 tok/s). Smaller products outside the fused layers stay whole.
+// build) paired runs gave +15% once and -2% once (README): within noise. Smaller products stay whole.
 constexpr size_t kSplitMatvecWeights = size_t(16) << 20;
 
 size_t split_matvec_weights() {
