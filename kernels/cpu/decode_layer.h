@@ -41,7 +41,8 @@ struct DecodeLayerConfig {
 // be whole row-contiguous buffers with room there. That breaks MLX's rule that arrays are values, safely only
 // under the KV cache's own invariant: index `cached` lies past every view anyone took of the buffer (they end
 // at the cache's offset), is written once, and the next readers (this cache's next steps) depend on this node
-// through the token. It saves the two slice-update nodes per layer a copy-free append would otherwise take
+// through the token; any other reader of the buffer (a batch being formed, a prompt-cache copy) is built after
+// the node was queued, and MLX's CPU stream runs its tasks in order. It saves the two slice-update nodes per layer a copy-free append would otherwise take
 // (an output of a multi-output primitive cannot take an input's buffer over: MLX counts each output's
 // reference), and fewer, larger nodes are the point of this primitive.
 std::vector<mx::array> decode_layer_op(const mx::array& x, const mx::array& k_cache, const mx::array& v_cache,
