@@ -336,7 +336,7 @@ IntDotRows pick_int_dot_rows(int bits) {
 // One-token products of at least this many weights are split over the pool (MMT_SPLIT_MATVEC, weights; 0: never).
 // Measured 2026-12-03 (2 cores): Gemma 3's 262,144 x 640 head split gives decode +19%. SmolLM2's 49,152 x 576
 // head split gave nothing while the graph builder shared the core; with the fused decode layers (a short
-// build) paired runs gave +15% once and -2% once (README): within noise. Smaller products stay whole.
+// build) a paired run gave 60.3 against 61.6 tok/s unsplit (README): within noise. Smaller products stay whole.
 constexpr size_t kSplitMatvecWeights = size_t(16) << 20;
 
 size_t split_matvec_weights() {
@@ -349,11 +349,66 @@ size_t split_matvec_weights() {
   return n;
 }
 
-void matvec(const AffineWeights& w, const RowReader& rd, const float* x, float* y, int nthreads,
-            bool shared = false) {
+// One token of each of n matrices of the same input width, their rows shared out by the pool in one job: x
+// prepared once per matrix, then chunks of `chunk_rows` rows (a multiple of 4) from each matrix's start, so each
+// row takes the same kernel (4-row or 1-row) as on one thread and the bits do not depend on the split. Every
+// matrix must have rows and an integer kernel.
+void split_matvecs(int n, const AffineWeights* ws, const float* x, float* const* ys, int chunk_rows, int nthreads) {
+  struct Part {
+    IntX qx;
+    std::vector<float> xsum;
+    IntDotRows i4, i1;
+    int first_chunk;
+  };
+  std::vector<RowReader> readers;
+  readers.reserve(n);
+  std::vector<Part> parts(n);
+  int nchunks = 0;
+  for (int i = 0; i < n; ++i) {
+    const AffineWeights& w = ws[i];
+    Part& p = parts[i];
+    readers.emplace_back(w);
+    prepare_int_x(x, w.cols, w.group, w.bits, p.qx);
+    const int ng = w.cols / w.group;
+    p.xsum.resize(ng);
+    for (int g = 0; g < ng; ++g) {
+      float s = 0.f;
+      for (int j = g * w.group; j < (g + 1) * w.group; ++j) s += x[j];
+      p.xsum[g] = s;
+    }
+    p.i4 = pick_int_dot_rows<4>(w.bits);
+    p.i1 = pick_int_dot_rows<1>(w.bits);
+    p.first_chunk = nchunks;
+    nchunks += (w.rows + chunk_rows - 1) / chunk_rows;
+  }
+  parallel_for(nchunks, nthreads, [&](int c) {
+    int i = n - 1;
+    while (parts[i].first_chunk > c) --i;
+    const Part& p = parts[i];
+    const AffineWeights& w = ws[i];
+    const RowReader& rd = readers[i];
+    const int r0 = (c - p.first_chunk) * chunk_rows, r1 = std::min(w.rows, r0 + chunk_rows);
+    int q = r0;
+    for (; q + 4 <= r1; q += 4) {
+      const uint8_t* rows[4] = {rd.row(q), rd.row(q + 1), rd.row(q + 2), rd.row(q + 3)};
+      p.i4(w, rows, q, p.qx, p.xsum.data(), ys[i] + q);
+    }
+    for (; q < r1; ++q) {
+      const uint8_t* row[1] = {rd.row(q)};
+      p.i1(w, row, q, p.qx, p.xsum.data(), ys[i] + q);
+    }
+  });
+}
+
+void matvec(const AffineWeights& w, const RowReader& rd, const float* x, float* y, int nthreads) {
+  const IntDotRows idot4 = pick_int_dot_rows<4>(w.bits), idot1 = pick_int_dot_rows<1>(w.bits);
+  // One token runs on the calling thread (outside a fused layer the other core is building the next step's
+  // graph), unless the matrix is as large as a vocabulary head: that runs last, when the builder is idle.
+  if (idot4 && nthreads > 1 && size_t(w.rows) * w.cols >= split_matvec_weights()) {
+    split_matvecs(1, &w, x, &y, 256, nthreads);
+    return;
+  }
   const int ng = w.cols / w.group;
-  // per-thread scratch reused across calls; the workers below reach the caller's copies through these refs
-  // (naming a thread_local inside the lambda would give each worker its own empty one)
   thread_local std::vector<float> xsum_tl;
   thread_local IntX qx_tl;
   std::vector<float>& xsum = xsum_tl;
@@ -364,31 +419,7 @@ void matvec(const AffineWeights& w, const RowReader& rd, const float* x, float* 
     for (int j = g * w.group; j < (g + 1) * w.group; ++j) s += x[j];
     xsum[g] = s;
   }
-  // One token runs on the calling thread (outside a fused layer the other core is building the next step's
-  // graph), unless the matrix is a vocabulary head (split_matvec_weights) or `shared` (inside a fused layer).
-  const IntDotRows idot4 = pick_int_dot_rows<4>(w.bits), idot1 = pick_int_dot_rows<1>(w.bits);
   int r = 0;
-  if (idot4 && nthreads > 1 && (shared || size_t(w.rows) * w.cols >= split_matvec_weights())) {
-    // a very large matrix (a vocabulary head): the graph builder is idle by the time it runs, split its rows;
-    // inside the fused decode layer every product is split. Chunks are multiples of 4 rows, so each row takes
-    // the same kernel (4-row or 1-row) as on one thread: the bits do not depend on the split.
-    prepare_int_x(x, w.cols, w.group, w.bits, qx);
-    const int kRowsPerChunk = shared ? 64 : 256;
-    const int nchunks = (w.rows + kRowsPerChunk - 1) / kRowsPerChunk;
-    parallel_for(nchunks, nthreads, [&](int c) {
-      const int r1 = std::min(w.rows, (c + 1) * kRowsPerChunk);
-      int q = c * kRowsPerChunk;
-      for (; q + 4 <= r1; q += 4) {
-        const uint8_t* rows[4] = {rd.row(q), rd.row(q + 1), rd.row(q + 2), rd.row(q + 3)};
-        idot4(w, rows, q, qx, xsum.data(), y + q);
-      }
-      for (; q < r1; ++q) {
-        const uint8_t* row[1] = {rd.row(q)};
-        idot1(w, row, q, qx, xsum.data(), y + q);
-      }
-    });
-    return;
-  }
   if (idot4) {  // integer path: four rows share each load of x
     prepare_int_x(x, w.cols, w.group, w.bits, qx);
     for (; r + 4 <= w.rows; r += 4) {
@@ -538,70 +569,24 @@ void affine_dequantize(const AffineWeights& w, float* out) {
 }
 
 void affine_matvec_shared(const AffineWeights& w, const float* x, float* y) {
-  if (w.rows == 0) return;
-  const RowReader rd(w);
-  matvec(w, rd, x, y, num_threads(), true);
+  affine_matvec_shared_many(1, &w, x, &y);
 }
 
 void affine_matvec_shared_many(int n, const AffineWeights* ws, const float* x, float* const* ys) {
-  const int nthreads = num_threads();
+  // one pool job over all of their rows (fewer fork/joins; small matrices such as k and v no longer leave a
+  // thread idle on their own); a width without an integer kernel goes one matrix at a time, unsplit
+  std::vector<AffineWeights> split;
+  std::vector<float*> outs;
   for (int i = 0; i < n; ++i) {
-    if (!pick_int_dot_rows<4>(ws[i].bits) || ws[i].rows == 0) {  // no integer kernel here: one at a time
-      for (int j = 0; j < n; ++j) affine_matvec_shared(ws[j], x, ys[j]);
-      return;
+    if (ws[i].rows == 0) continue;
+    if (pick_int_dot_rows<4>(ws[i].bits)) {
+      split.push_back(ws[i]);
+      outs.push_back(ys[i]);
+    } else {
+      matvec(ws[i], RowReader(ws[i]), x, ys[i], 1);
     }
   }
-  // x prepared once per matrix (its group and width), then one pool job over all of their row chunks: fewer
-  // fork/joins, and small matrices (k and v) no longer leave a thread idle on their own. Chunks are 64 rows
-  // from each matrix's start, as in matvec, so each row takes the same kernel and the bits match.
-  constexpr int kRows = 64;
-  struct Part {
-    const AffineWeights* w;
-    std::vector<RowReader> rd;
-    IntX qx;
-    std::vector<float> xsum;
-    IntDotRows i4, i1;
-    float* y;
-    int first_chunk;
-  };
-  std::vector<Part> parts(n);
-  int nchunks = 0;
-  for (int i = 0; i < n; ++i) {
-    Part& p = parts[i];
-    const AffineWeights& w = ws[i];
-    p.w = &w;
-    p.rd.emplace_back(w);
-    prepare_int_x(x, w.cols, w.group, w.bits, p.qx);
-    const int ng = w.cols / w.group;
-    p.xsum.resize(ng);
-    for (int g = 0; g < ng; ++g) {
-      float s = 0.f;
-      for (int j = g * w.group; j < (g + 1) * w.group; ++j) s += x[j];
-      p.xsum[g] = s;
-    }
-    p.i4 = pick_int_dot_rows<4>(w.bits);
-    p.i1 = pick_int_dot_rows<1>(w.bits);
-    p.y = ys[i];
-    p.first_chunk = nchunks;
-    nchunks += (w.rows + kRows - 1) / kRows;
-  }
-  parallel_for(nchunks, nthreads, [&](int c) {
-    int i = n - 1;
-    while (parts[i].first_chunk > c) --i;
-    const Part& p = parts[i];
-    const AffineWeights& w = *p.w;
-    const RowReader& rd = p.rd[0];
-    const int r0 = (c - p.first_chunk) * kRows, r1 = std::min(w.rows, r0 + kRows);
-    int q = r0;
-    for (; q + 4 <= r1; q += 4) {
-      const uint8_t* rows[4] = {rd.row(q), rd.row(q + 1), rd.row(q + 2), rd.row(q + 3)};
-      p.i4(w, rows, q, p.qx, p.xsum.data(), p.y + q);
-    }
-    for (; q < r1; ++q) {
-      const uint8_t* row[1] = {rd.row(q)};
-      p.i1(w, row, q, p.qx, p.xsum.data(), p.y + q);
-    }
-  });
+  if (!split.empty()) split_matvecs(int(split.size()), split.data(), x, outs.data(), 64, num_threads());
 }
 
 void affine_matmul(const AffineWeights& w, const float* x, float* y, int tokens) {
