@@ -106,6 +106,14 @@ def quant_matmul(
     return y if x.dtype == mx.float32 else y.astype(x.dtype)
 
 
+def gaussian_matmul(
+    x: mx.array, amp: mx.array, index: mx.array, perm: mx.array, taps: mx.array, reach: mx.array
+) -> mx.array:
+    """y = x @ W.T for a Gaussian level (operands: ``GaussianLevel.native_operands``), on the native kernel."""
+    y = _require().gaussian_matmul(x, amp, index, perm, taps, reach)
+    return y if x.dtype == mx.float32 else y.astype(x.dtype)
+
+
 def dequantize(wq: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int) -> mx.array:
     """W (rows, cols) f32 of MLX's affine layout, one native node (MLX's CPU dequantize is scalar: 2-8x slower
     than the GEMM it feeds for 5- and 6-bit codes)."""
@@ -177,7 +185,7 @@ def decode_layer(
     weights: list[mx.array],
     bits: list[int],
     groups: list[int],
-    **config: float | int | bool,
+    **config: float | int | bool | list[bool],
 ) -> list[mx.array]:
     """One decoder layer for one token as one native node (kernels/cpu/decode_layer.h): [h, keys', values']."""
     return _require().decode_layer(x, k_cache, v_cache, norms, weights, bits, groups, **config)

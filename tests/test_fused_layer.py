@@ -5,6 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from metal_harness import oracle as O
 
 import mmt_mlx  # noqa: F401  (preloads OpenBLAS before mlx.core)
 from mmt_mlx import native
@@ -21,9 +22,11 @@ PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "
                ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))  # fmt: skip
 
 
-def affine_tiny(arch: str):
-    """A tiny random model whose projections are FGS affine codes of every supported width and several groups."""
+def affine_tiny(arch: str, gaussian: bool = False):
+    """A tiny random model whose projections are FGS affine codes of every supported width and several groups;
+    with ``gaussian`` every third projection also carries a Gaussian level (as the planner keeps on Gemma)."""
     lm = tiny_model(arch)
+    rng = np.random.default_rng(7)
     k = 0
     for block in lm.model.layers:
         for parent, name in PROJECTIONS:
@@ -32,7 +35,12 @@ def affine_tiny(arch: str):
             bits = SUPPORTED_BITS[k % len(SUPPORTED_BITS)]
             group = 64 if w.shape[1] % 128 else (32, 64, 128)[k % 3]
             k += 1
-            code = TensorCode(shape=w.shape, levels=[quantize(w, bits, group)])
+            levels = [quantize(w, bits, group)]
+            if gaussian and k % 3 == 0:
+                g = O.random_gaussian(rng, w.shape[0], w.shape[1], 3, grid=[0.5, 2.0, 9.0, 30.0])
+                g.amp = g.amp * np.float32(0.05)
+                levels.insert(0, g)
+            code = TensorCode(shape=w.shape, levels=levels)
             setattr(owner, name, FGSLinear(code))
     mx.eval(lm.model.parameters())
     return lm
@@ -62,12 +70,14 @@ def _count_fused(monkeypatch) -> list[int]:
 
 
 @needs_native
+@pytest.mark.parametrize("gaussian", [False, True])
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_fused_decode_equals_the_layer_ops_bit_for_bit(arch, monkeypatch):
-    """Every layer runs as one node (counted), across a KV buffer growth and past Gemma's sliding window; the
-    logits and the caches equal those of the separate native ops exactly."""
+def test_fused_decode_equals_the_layer_ops_bit_for_bit(arch, gaussian, monkeypatch):
+    """Every layer runs as one node (counted), across a KV buffer growth and past Gemma's sliding window, with
+    and without Gaussian levels beside the affine ones; the logits and the caches equal those of the separate
+    native ops exactly."""
     monkeypatch.setattr(KVCache, "step", 16)  # the 20-token prompt's buffer (32) grows during decoding
-    lm = affine_tiny(arch)
+    lm = affine_tiny(arch, gaussian)
     prompt, steps = list(range(5, 25)), 14
     monkeypatch.setenv("MMT_FUSED_LAYER", "0")
     want, want_cache = greedy_decode(lm, prompt, steps)
@@ -90,9 +100,10 @@ def test_fused_decode_equals_the_layer_ops_bit_for_bit(arch, monkeypatch):
 @needs_native
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_fused_decode_matches_the_mlx_reference_path(arch, monkeypatch):
-    """Against MLX's own ops (MMT_NATIVE=0): the integer kernels round x to int16 per group (relative error
-    <= 2^-16 a product), which the random tiny layers amplify to ~1e-3 of the logits' scale."""
-    lm = affine_tiny(arch)
+    """Against MLX's own ops (MMT_NATIVE=0, Gaussian levels included): the integer kernels round x to int16 per
+    group (relative error <= 2^-16 a product), which the random tiny layers amplify to ~1e-3 of the logits'
+    scale."""
+    lm = affine_tiny(arch, gaussian=True)
     got, _ = greedy_decode(lm, list(range(7, 19)), 6)
     monkeypatch.setenv("MMT_NATIVE", "0")
     want, _ = greedy_decode(lm, list(range(7, 19)), 6)
@@ -126,10 +137,10 @@ def test_decode_layer_rejects_bad_operands():
     spec = block.fused_spec()
     weights, bits, groups = [], [], []
     for lin in spec.linears:
-        wq, s, b, g, nb = lin.affine_operands()
-        weights += [wq, s, b]
-        bits.append(nb)
-        groups.append(g)
+        ops = lin.fused_operands()
+        weights += [ops.wq, ops.scales, ops.biases]
+        bits.append(ops.bits)
+        groups.append(ops.group_size)
     x = mx.zeros((1, 1, 64))
     cache = mx.zeros((1, 2, 4, 16))
     cfg = dict(heads=4, kv_heads=2, head_dim=16, eps=1e-5, rope_base=1e4, rope_scale=1.0, attn_scale=0.25,

@@ -382,3 +382,65 @@ def test_one_token_equals_its_row_of_a_batch(bits: int):
         for i in range(n):
             alone = np.array(native.quant_matmul(mx.array(x[i : i + 1]), wq, s16, b16, 64, bits))
             np.testing.assert_array_equal(alone[0], batch[i])
+
+
+@needs_native
+@pytest.mark.parametrize(
+    ("rows", "cols", "k", "grid", "perm"),
+    [
+        (37, 83, 5, [0.3, 1.0, 2.5, 7.0, 40.0], True),  # widest reach clipped at cols - 1
+        (64, 640, 10, [0.5, 0.82, 1.35, 2.21, 3.62, 5.94, 9.75, 16.0], True),  # Gemma's grid and width
+        (5, 9, 1, [0.7], False),
+    ],
+)
+def test_gaussian_level_matches_the_reference_and_the_oracle(rows, cols, k, grid, perm):
+    """The native Gaussian product (a direct blur per width, then K taps per row) against the MLX reference
+    (conv1d/FFT blurs) and the float64 dense oracle, for one and many tokens, bit for bit across thread
+    counts and batch positions."""
+    from metal_harness import oracle as O
+
+    from mmt_mlx.fgs.runtime.layers import GaussianLevel
+
+    rng = np.random.default_rng(rows + cols)
+    code = O.random_gaussian(rng, rows, cols, k, grid=grid, perm=perm)
+    lv = GaussianLevel(code, use_kernel=False)
+    x = rng.normal(size=(6, cols)).astype(np.float32)
+    want = x.astype(np.float64) @ O.decode_gaussian(code).T
+    got = np.array(native.gaussian_matmul(mx.array(x), *lv.native_operands()))
+    scale = np.abs(x).astype(np.float64) @ np.abs(O.decode_gaussian(code)).T
+    assert np.all(np.abs(got - want) <= 1e-5 * scale + 1e-6)
+    with native.suspended():
+        ref = np.array(lv(mx.array(x)))
+    assert np.all(np.abs(got - ref) <= 1e-5 * scale + 1e-6)
+    assert np.array_equal(np.array(lv(mx.array(x))), got)  # the level takes the native path when it is on
+    for i in range(6):
+        alone = np.array(native.gaussian_matmul(mx.array(x[i : i + 1]), *lv.native_operands()))
+        np.testing.assert_array_equal(alone[0], got[i])
+    try:
+        native.set_threads(1)
+        np.testing.assert_array_equal(
+            np.array(native.gaussian_matmul(mx.array(x), *lv.native_operands())), got
+        )
+    finally:
+        native.set_threads(0)
+
+
+@needs_native
+def test_gaussian_level_rejects_bad_operands():
+    from metal_harness import oracle as O
+
+    from mmt_mlx.fgs.runtime.layers import GaussianLevel
+
+    rng = np.random.default_rng(3)
+    amp, index, perm, taps, reach = GaussianLevel(O.random_gaussian(rng, 8, 16, 2), False).native_operands()
+    x = mx.zeros((1, 16))
+    with pytest.raises(ValueError, match="permutation"):
+        native.gaussian_matmul(mx.zeros((1, 15)), amp, index, perm, taps, reach)
+    with pytest.raises(ValueError, match="amplitudes"):
+        native.gaussian_matmul(x, amp, index.astype(mx.int16), perm, taps, reach)
+    with pytest.raises(ValueError, match="taps"):
+        native.gaussian_matmul(x, amp, index, perm, taps[:, :-1], reach)
+    bad = O.random_gaussian(rng, 8, 16, 2)
+    bad.mu[0, 0] = 16
+    with pytest.raises(ValueError, match="out of range"):
+        GaussianLevel(bad, False).native_operands()

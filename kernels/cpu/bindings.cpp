@@ -12,6 +12,7 @@
 #include "affine_primitive.h"
 #include "attention.h"
 #include "decode_layer.h"
+#include "gaussian_level.h"
 #include "norm_rope.h"
 #include "mlx/version.h"
 
@@ -34,6 +35,9 @@ NB_MODULE(_native, m) {
   m.def("decode_attention", &mmt::decode_attention_op, "q"_a, "k"_a, "v"_a, "scale"_a, "mask"_a = nb::none(),
         nb::kw_only(), "stream"_a = nb::none(),
         "softmax(scale q k^T) v for (B, H, L, D) views, grouped KV heads, bool mask; (B, Lq, Hq * D) f32.");
+  m.def("gaussian_matmul", &mmt::gaussian_matmul_op, "x"_a, "amp"_a, "index"_a, "perm"_a, "taps"_a, "reach"_a,
+        nb::kw_only(), "stream"_a = nb::none(),
+        "y = x @ W.T for a Gaussian level (f32): the input blurred at each width, K taps of the blurs per row.");
   m.def("gated_activation", &mmt::gated_activation_op, "gate"_a, "up"_a, "gelu"_a, nb::kw_only(),
         "stream"_a = nb::none(), "act(gate) * up (SiLU, or GELU's tanh approximation) in one CPU primitive (f32).");
   m.def(
@@ -41,18 +45,21 @@ NB_MODULE(_native, m) {
       [](const mx::array& x, const mx::array& k_cache, const mx::array& v_cache, const std::vector<mx::array>& norms,
          const std::vector<mx::array>& weights, const std::vector<int>& bits, const std::vector<int>& groups,
          int heads, int kv_heads, int head_dim, float eps, float rope_base, float rope_scale, float attn_scale,
-         bool gelu, bool qk_norm, bool sandwich, int position, int cached, int window, bool write_cache, mx::StreamOrDevice s) {
-        if (bits.size() != 7 || groups.size() != 7)
-          throw std::invalid_argument("decode_layer: bits and groups need one entry per product (7)");
+         bool gelu, bool qk_norm, bool sandwich, int position, int cached, int window, bool write_cache,
+         const std::vector<bool>& gauss, mx::StreamOrDevice s) {
+        if (bits.size() != 7 || groups.size() != 7 || (!gauss.empty() && gauss.size() != 7))
+          throw std::invalid_argument("decode_layer: bits, groups (and gauss) need one entry per product (7)");
         mmt::DecodeLayerConfig cfg{heads, kv_heads, head_dim, eps, rope_base, rope_scale, attn_scale, gelu,
                                    qk_norm, sandwich, position, cached, window, write_cache};
         std::copy(bits.begin(), bits.end(), cfg.bits.begin());
         std::copy(groups.begin(), groups.end(), cfg.groups.begin());
+        std::copy(gauss.begin(), gauss.end(), cfg.gauss.begin());
         return mmt::decode_layer_op(x, k_cache, v_cache, norms, weights, cfg, s);
       },
       "x"_a, "k_cache"_a, "v_cache"_a, "norms"_a, "weights"_a, "bits"_a, "groups"_a, nb::kw_only(), "heads"_a,
       "kv_heads"_a, "head_dim"_a, "eps"_a, "rope_base"_a, "rope_scale"_a, "attn_scale"_a, "gelu"_a, "qk_norm"_a,
-      "sandwich"_a, "position"_a, "cached"_a, "window"_a, "write_cache"_a = false, "stream"_a = nb::none(),
+      "sandwich"_a, "position"_a, "cached"_a, "window"_a, "write_cache"_a = false,
+      "gauss"_a = std::vector<bool>{}, "stream"_a = nb::none(),
       "One decoder layer for one token in one CPU primitive: returns [h, k, v] (the token's key and value).");
   m.def("set_layer_profile", &mmt::set_layer_profile, "on"_a, "Time the fused layers' sections (off by default).");
   m.def("take_layer_profile", &mmt::take_layer_profile,

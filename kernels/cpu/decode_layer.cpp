@@ -9,6 +9,7 @@
 
 #include "affine_kernels.h"
 #include "affine_primitive.h"
+#include "gaussian_level.h"
 #include "layer_math.h"
 #include "operands.h"
 #include "thread_pool.h"
@@ -39,6 +40,25 @@ struct Laps {
 };
 
 int norm_count(const DecodeLayerConfig& c) { return 2 + (c.qk_norm ? 2 : 0) + (c.sandwich ? 2 : 0); }
+
+constexpr int kAffineArrays = 21, kGaussArrays = 5;
+
+int weight_count(const DecodeLayerConfig& c) {
+  return kAffineArrays + kGaussArrays * int(std::count(c.gauss.begin(), c.gauss.end(), true));
+}
+
+// ys[i] += the Gaussian level of product i (where it has one), added as FGSLinear adds its levels: the same
+// bits as the separate nodes (two summands: the order of the add does not matter).
+void add_gaussian(const GaussianWeights* G, int first, int n, const float* x, float* const* ys) {
+  thread_local std::vector<float> t;
+  for (int i = first; i < first + n; ++i) {
+    if (!G[i].amp) continue;
+    t.resize(G[i].rows);
+    gaussian_matvec(G[i], x, t.data());
+    float* y = ys[i - first];
+    for (int r = 0; r < G[i].rows; ++r) y[r] = t[r] + y[r];
+  }
+}
 
 AffineWeights affine_of(const mx::array& wq, const mx::array& scales, const mx::array& biases, int bits, int group) {
   const int rows = wq.shape(0), cols = int(int64_t(wq.shape(1)) * 32 / bits);
@@ -71,7 +91,7 @@ std::vector<mx::array> decode_layer_op(const mx::array& x, const mx::array& k_ca
     throw std::invalid_argument("decode_layer: caches must be f32 (1, kv_heads, N, head_dim)");
   if (cfg.cached < 0 || cfg.cached > k_cache.shape(2) || (cfg.write_cache && cfg.cached >= k_cache.shape(2)))
     throw std::invalid_argument("decode_layer: the cache views hold fewer keys than `cached` (or no room)");
-  if (int(norms.size()) != norm_count(cfg) || weights.size() != 21)
+  if (int(norms.size()) != norm_count(cfg) || int(weights.size()) != weight_count(cfg))
     throw std::invalid_argument("decode_layer: wrong number of norm or weight arrays");
   const int inter = weights[12].shape(0);
   const int cols[7] = {hidden, hidden, hidden, Hq * D, hidden, hidden, inter};
@@ -80,6 +100,13 @@ std::vector<mx::array> decode_layer_op(const mx::array& x, const mx::array& k_ca
     check_affine("decode_layer", cols[i], weights[3 * i], weights[3 * i + 1], weights[3 * i + 2], cfg.groups[i],
                  cfg.bits[i]);
     if (weights[3 * i].shape(0) != rows[i]) throw std::invalid_argument("decode_layer: a product has the wrong rows");
+  }
+  for (int i = 0, at = kAffineArrays; i < 7; ++i) {
+    if (!cfg.gauss[i]) continue;
+    check_gaussian("decode_layer", cols[i], weights[at], weights[at + 1], weights[at + 2], weights[at + 3],
+                   weights[at + 4]);
+    if (weights[at].shape(0) != rows[i]) throw std::invalid_argument("decode_layer: a Gaussian level has the wrong rows");
+    at += kGaussArrays;
   }
   for (size_t i = 0; i < norms.size(); ++i) {
     const bool head_norm = cfg.qk_norm && (i == 1 || i == 2);
@@ -143,6 +170,12 @@ void DecodeLayer::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
         affine_of(ins[16 + nn], ins[17 + nn], ins[18 + nn], cfg.bits[5], cfg.groups[5]),
         affine_of(ins[19 + nn], ins[20 + nn], ins[21 + nn], cfg.bits[6], cfg.groups[6])};
     const int inter = W[4].rows;
+    GaussianWeights G[7] = {};
+    for (int i = 0, at = 1 + nn + kAffineArrays; i < 7; ++i) {
+      if (!cfg.gauss[i]) continue;
+      G[i] = gaussian_of(ins[at], ins[at + 1], ins[at + 2], ins[at + 3], ins[at + 4], W[i].cols);
+      at += kGaussArrays;
+    }
     std::vector<float> xn(d), q(size_t(Hq) * D), k(size_t(Hkv) * D), v(size_t(Hkv) * D), att(size_t(Hq) * D),
         o(d), h(d), g(inter), u(inter), a(inter);
 
@@ -152,6 +185,7 @@ void DecodeLayer::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
     {
       float* ys[3] = {q.data(), k.data(), v.data()};
       affine_matvec_shared_many(3, W, xn.data(), ys);
+      add_gaussian(G, 0, 3, xn.data(), ys);
     }
     laps.lap(kProducts);
     if (cfg.qk_norm) {
@@ -190,6 +224,10 @@ void DecodeLayer::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
     }
     laps.lap(kAttention);
     affine_matvec_shared(W[3], att.data(), o.data());
+    {
+      float* ys[1] = {o.data()};
+      add_gaussian(G, 3, 1, att.data(), ys);
+    }
     laps.lap(kProducts);
     if (cfg.sandwich) rms_norm_rows(o.data(), w_post_attn, o.data(), 1, d, cfg.eps);
     for (int i = 0; i < d; ++i) h[i] = x[i] + o[i];
@@ -200,11 +238,16 @@ void DecodeLayer::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
     {
       float* ys[2] = {g.data(), u.data()};
       affine_matvec_shared_many(2, W + 4, xn.data(), ys);
+      add_gaussian(G, 4, 2, xn.data(), ys);
     }
     laps.lap(kProducts);
     gated_activation(g.data(), u.data(), a.data(), inter, cfg.gelu);
     laps.lap(kRest);
     affine_matvec_shared(W[6], a.data(), o.data());
+    {
+      float* ys[1] = {o.data()};
+      add_gaussian(G, 6, 1, a.data(), ys);
+    }
     laps.lap(kProducts);
     if (cfg.sandwich) rms_norm_rows(o.data(), w_post_mlp, o.data(), 1, d, cfg.eps);
     float* out = h_out.data<float>();

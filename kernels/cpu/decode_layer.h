@@ -29,13 +29,15 @@ struct DecodeLayerConfig {
   bool write_cache = false;  // also store the token's key and value at index `cached` of the cache buffers,
                              // in place (see decode_layer_op)
   std::array<int, 7> bits{}, groups{};  // q, k, v, o, gate, up, down
+  std::array<bool, 7> gauss{};          // the product also has a Gaussian level (added to the affine one)
 
   bool operator==(const DecodeLayerConfig&) const = default;
 };
 
 // x (..., hidden) holding one token; k_cache, v_cache (1, kv_heads, N >= cached, head_dim) f32 views of the
 // earlier keys and values; norms: the input norm, (q norm, k norm), (post-attention norm), the pre-MLP norm,
-// (post-MLP norm); weights: (wq, scales, biases) of q, k, v, o, gate, up, down in MLX's affine layout.
+// (post-MLP norm); weights: (wq, scales, biases) of q, k, v, o, gate, up, down in MLX's affine layout, then
+// (amp, index, perm, taps, reach) of each product with cfg.gauss set, in that order (gaussian_level.h).
 // Returns {h, k, v}: the layer's output and the token's key and value (1, kv_heads, 1, head_dim).
 // With write_cache the node also writes k and v into the cache buffers at index `cached`, in place: they must
 // be whole row-contiguous buffers with room there. That breaks MLX's rule that arrays are values, safely only

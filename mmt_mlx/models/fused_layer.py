@@ -5,7 +5,7 @@ so queuing step t+1 ran most of step t on the host thread and graph building nev
 (``bench/decode_host_time.py``). As one node per layer the host builds the next token's graph while this one
 runs, and the products use every core. It applies when the native kernels are on, one request decodes one
 token, its cache is a plain or sliding-window cache with earlier tokens, and every product of the layer has
-MLX's affine layout (a linear layer offering ``affine_operands()``). Otherwise the layer's separate ops run;
+MLX's affine layout, plus at most a Gaussian level (a linear layer offering ``fused_operands()``). Otherwise the layer's separate ops run;
 both give the same bits (the node calls the same kernel functions). ``MMT_FUSED_LAYER=0`` turns it off (A/B runs).
 """
 
@@ -66,22 +66,26 @@ def run(block, x: mx.array, cache: object) -> mx.array | None:
 def decode(spec: LayerSpec, x: mx.array, cache: KVCache | SlidingKVCache) -> mx.array | None:
     """The layer's output for the token x (1, 1, hidden), updating ``cache``; None when a product is not affine."""
     weights: list[mx.array] = []
+    gaussian: list[mx.array] = []
     bits: list[int] = []
     groups: list[int] = []
+    gauss: list[bool] = []
     for lin in spec.linears:
-        ops = getattr(lin, "affine_operands", lambda: None)()
+        ops = getattr(lin, "fused_operands", lambda: None)()
         if ops is None:
             return None
-        wq, scales, biases, group, b = ops
-        weights += [wq, scales, biases]
-        bits.append(b)
-        groups.append(group)
+        weights += [ops.wq, ops.scales, ops.biases]
+        bits.append(ops.bits)
+        groups.append(ops.group_size)
+        gauss.append(ops.gaussian is not None)
+        if ops.gaussian is not None:
+            gaussian += ops.gaussian
     in_place = isinstance(cache, KVCache)
     if in_place:  # room for the token: the node writes it into the buffer itself (decode_layer.h says why)
         cache.reserve(1, (1, spec.kv_heads, 1, spec.head_dim), spec.head_dim, mx.float32)
     assert cache.keys is not None and cache.values is not None
     h, k, v = native.decode_layer(
-        x, cache.keys, cache.values, spec.norms, weights, bits, groups,
+        x, cache.keys, cache.values, spec.norms, weights + gaussian, bits, groups, gauss=gauss,
         heads=spec.heads, kv_heads=spec.kv_heads, head_dim=spec.head_dim, eps=spec.eps,
         rope_base=spec.rope_base, rope_scale=spec.rope_scale, attn_scale=spec.attn_scale, gelu=spec.gelu,
         qk_norm=spec.qk_norm, sandwich=spec.sandwich, position=cache.offset,

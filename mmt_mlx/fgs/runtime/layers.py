@@ -10,6 +10,8 @@ Backend: chosen once per module at construction (``kernels.use_kernels()``): the
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import mlx.core as mx
 import numpy as np
 from mlx import nn
@@ -22,6 +24,13 @@ from mmt_mlx.fgs.runtime import ops
 from mmt_mlx.fgs.runtime.rotq_layer import RotQLevel
 
 _ROW_TEMP_ELEMS = 1 << 21  # bound on (ids, K, cols) temporaries when decoding embedding rows
+
+
+class _NativeGaussian:
+    """A Gaussian level's operands for the native CPU kernel (``kernels/cpu/gaussian_level.h``), made on first
+    use; a plain object, so that nn.Module does not count them among the model's parameters."""
+
+    arrays: tuple[mx.array, ...] | None = None
 
 
 class GaussianLevel(nn.Module):
@@ -40,13 +49,37 @@ class GaussianLevel(nn.Module):
         inv[perm] = np.arange(code.cols)
         self.inv_perm = mx.array(inv.astype(np.int32))
         self.gcoef = K.gaussian_coefs(self.sigma_grid)
+        self._native = _NativeGaussian()
         if not use_kernel:
             plan = ops.gaussian_plan(self.sigma_grid, self.cols)
             self.flat_index = plan.flat_index(self.mu, self.sidx)
 
+    def native_operands(self) -> tuple[mx.array, ...]:
+        """(amp, index, perm, taps, reach) of ``native.gaussian_matmul``: index = width * cols + centre into the
+        input blurred at every width, the taps the reference keeps (``ops.gaussian_plan``) centred in one row."""
+        if self._native.arrays is None:
+            mu, sidx = np.array(self.mu), np.array(self.sidx).astype(np.int32)
+            nsig = len(self.sigma_grid)
+            if mu.size and (mu.min() < 0 or mu.max() >= self.cols or sidx.max() >= nsig):
+                raise ValueError("Gaussian level: a centre or width index is out of range")
+            reach = np.array([ops.gaussian_reach(s, self.cols) for s in self.sigma_grid], dtype=np.int32)
+            r = int(reach.max())
+            d = np.arange(-r, r + 1, dtype=np.float64)
+            taps = np.stack(
+                [np.exp(-(d**2) / (2.0 * s**2)) * (np.abs(d) <= q) for s, q in zip(self.sigma_grid, reach)]
+            )
+            perm = np.array(self.perm) if self.has_perm else np.zeros(0, np.int32)
+            arrays = (self.amp, mx.array((sidx * self.cols + mu).astype(np.int32)), mx.array(perm.astype(np.int32)),
+                      mx.array(taps.astype(np.float32)), mx.array(reach))  # fmt: skip
+            mx.eval(arrays)
+            self._native.arrays = arrays
+        return self._native.arrays
+
     def __call__(self, x: mx.array) -> mx.array:
         if self.use_kernel:
             return K.gaussian_matmul(x, self.amp, self.mu, self.sidx, self.gcoef, self.perm)
+        if native.enabled():
+            return native.gaussian_matmul(x, *self.native_operands())
         perm = self.perm if self.has_perm else None
         return ops.gaussian_matmul(
             x, self.amp, self.mu, self.sidx, self.sigma_grid, perm, flat_index=self.flat_index
@@ -186,6 +219,18 @@ def _levels(code: TensorCode, use_kernel: bool | None) -> tuple[list[nn.Module],
     return [make_level(lv, uk) for lv in code.levels], uk
 
 
+class FusedOperands(NamedTuple):
+    """A linear layer's operands in the fused decode layer: its affine level (MLX's layout), and the native
+    operands of a Gaussian level added to it (``GaussianLevel.native_operands``) or None."""
+
+    wq: mx.array
+    scales: mx.array
+    biases: mx.array
+    group_size: int
+    bits: int
+    gaussian: tuple[mx.array, ...] | None
+
+
 class FGSLinear(nn.Module):
     """y = x @ W.T (+ bias) with W = sum of the code's levels; W has shape (out, in) = code.shape."""
 
@@ -198,14 +243,19 @@ class FGSLinear(nn.Module):
         if bias is not None:
             self.bias = mx.array(np.asarray(bias, dtype=np.float32))
 
-    def affine_operands(self) -> tuple[mx.array, mx.array, mx.array, int, int] | None:
-        """(wq, scales, biases, group_size, bits) when W is one affine level and there is no bias (what the
-        fused native decode layer takes), else None."""
+    def fused_operands(self) -> FusedOperands | None:
+        """What the fused native decode layer takes: W is one affine level, plus at most one Gaussian level, and
+        there is no bias; else None."""
         levels = self["levels"]  # item access: nn.Module's attribute fallback costs ~1 us a call, per token
-        lv = levels[0]
-        if len(levels) != 1 or "bias" in self or not isinstance(lv, QuantLevel):
+        if "bias" in self or len(levels) > 2:
             return None
-        return lv["wq"], lv["scales"], lv["biases"], lv.group_size, lv.bits
+        quant = [lv for lv in levels if isinstance(lv, QuantLevel)]
+        gauss = [lv for lv in levels if isinstance(lv, GaussianLevel)]
+        if len(quant) != 1 or len(quant) + len(gauss) != len(levels):
+            return None
+        q = quant[0]
+        g = gauss[0].native_operands() if gauss else None
+        return FusedOperands(q["wq"], q["scales"], q["biases"], q.group_size, q.bits, g)
 
     def __call__(self, x: mx.array) -> mx.array:
         y = self.levels[0](x)
