@@ -1,9 +1,10 @@
 """Where one decode step's time goes on the CPU: graph nodes per token by kind, and the step split into graph
 building (Python), the weight products, and everything else.
 
-    python bench/decode_profile.py [-m MODEL] [--steps 32] [--json FILE]
+    python bench/decode_profile.py [-m MODEL] [--steps 32] [--context 64] [--json FILE]
 
-A step is one token through the model with a 64-token cache, timed synchronously (build, then eval). The
+A step is one token through the model with a cache of ``--context`` tokens (``mmt bench -p 256`` decodes
+after 256), timed synchronously (build, then eval). The
 products are then timed alone: the same levels on inputs of the same shapes, evaluated together. "Other" is
 the step's evaluation minus the products (norms, RoPE, attention, cache writes, residual adds, views, and
 MLX's per-node scheduling). In the generator, building overlaps evaluation (``mx.async_eval``), so decode
@@ -51,11 +52,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-m", "--model", default=None)
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--context", type=int, default=64, help="tokens in the cache before the timed steps")
     ap.add_argument("--json")
     args = ap.parse_args()
     lm = load_model(args.model, progress=False)
     model = lm.model
-    prompt = mx.array([list(range(100, 164))])
+    prompt = mx.array([[100 + i % 1000 for i in range(args.context)]])
     cache, counted = model.make_cache(), model.make_cache()
     mx.eval(model(prompt, cache), model(prompt, counted))
     tok = mx.array([[1000]])
@@ -88,6 +90,7 @@ def main() -> int:
     ms["other"] = max(0.0, ms["eval"] - ms["products"])
     res = {
         "model": lm.name,
+        "context": args.context,
         "path": describe(),
         "load_avg": list(os.getloadavg()),
         "ms_per_token": ms,
