@@ -162,6 +162,12 @@ __attribute__((target("avx2,fma,f16c"))) void dot_rows_avx2(
 
 // x prepared for the integer kernels: int16 values (4-bit: per 32 values the 16 even ones, then the 16 odd
 // ones, matching the low and high nibbles of 16 packed bytes; other widths: natural order) and one scale per group.
+// MMT_PREFETCH=0 turns the integer kernels' software prefetch off (int_kernels.inc; for paired A/B runs).
+const bool g_prefetch = [] {
+  const char* e = std::getenv("MMT_PREFETCH");
+  return !(e && std::string(e) == "0");
+}();
+
 struct IntX {
   std::vector<int16_t> v;
   std::vector<float> scale;
