@@ -1,13 +1,23 @@
-// One-token products of SmolLM2's 30 decoder layers (q, k, v, o, gate, up, down; 4-bit codes, groups of 32,
-// f16 scales, random codes) through the native kernel that the fused decode layer calls, on 1 and 2 threads,
-// without MLX or Python: how fast the products can go on this machine, and whether that is bound by the cores
-// (layers=1: 2 MB of codes, cache-resident) or by memory (layers=30: 60 MB streamed per token).
+// One-token products through the native kernel that the fused decode layer calls, on 1 and 2 threads, without
+// MLX or Python: how fast the products can go on this machine, and what bounds them.
 //
 //   g++ -O3 -std=c++20 -Ikernels/cpu bench/matvec_bandwidth.cpp kernels/cpu/affine_kernels.cpp \
-//       kernels/cpu/thread_pool.cpp -lpthread -o /tmp/matvec_bandwidth && /tmp/matvec_bandwidth [layers]
+//       kernels/cpu/thread_pool.cpp -lpthread -o /tmp/matvec_bandwidth
+//   /tmp/matvec_bandwidth [layers]                 SmolLM2's 30 layers of products (q, k, v, o, gate, up, down;
+//                                                  4-bit codes, groups of 32, f16 scales, random codes); 1 layer
+//                                                  is 2 MB (cache-resident), 30 stream 60 MB per pass
+//   /tmp/matvec_bandwidth matrix ROWS COLS BITS GROUP
+//                                                  one matrix, e.g. Gemma's head: matrix 262144 640 5 32
+//   /tmp/matvec_bandwidth read                     a plain 256 MB read with AVX2 loads: the memory's own speed
+//
+// MMT_PREFETCH=0 in the environment turns the kernels' software prefetch off (int_kernels.inc).
+#include <immintrin.h>
+
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <random>
 #include <thread>
 #include <vector>
@@ -17,44 +27,103 @@
 namespace {
 
 struct Matrix {
-  int rows, cols;
+  int rows, cols, bits, group;
   std::vector<uint32_t> wq;
-  std::vector<uint16_t> scales;  // f16 1.0: the value does not change the speed
+  std::vector<uint16_t> scales;  // f16 1.0 (scales and biases alike): the value does not change the speed
+
+  Matrix(int r, int c, int b, int g, std::mt19937& rng)
+      : rows(r), cols(c), bits(b), group(g), wq(size_t(r) * c * b / 32), scales(size_t(r) * c / g, 0x3c00) {
+    for (auto& v : wq) v = rng();
+  }
+  size_t bytes() const { return wq.size() * 4 + scales.size() * 4; }  // codes + scales + biases
+  mmt::AffineWeights weights() const {
+    return {wq.data(), scales.data(), scales.data(), rows, cols, bits, group, true};
+  }
 };
+
+// Times passes over the matrices on 1 and 2 threads (twice each), from a thread of its own as MLX's stream
+// thread calls the kernels; prints the best pass of each.
+void time_passes(const std::vector<Matrix>& ms, int reps, const char* what) {
+  size_t bytes = 0;
+  for (const auto& m : ms) bytes += m.bytes();
+  std::vector<float> x(1 << 16, 0.5f), y(1 << 20);
+  std::thread([&] {
+    for (int threads : {1, 2, 1, 2}) {
+      mmt::set_num_threads(threads);
+      double best = 1e30;
+      for (int r = 0; r < reps; ++r) {
+        const auto t0 = std::chrono::steady_clock::now();
+        for (const auto& m : ms) {
+          const mmt::AffineWeights w = m.weights();
+          mmt::affine_matvec_shared(w, x.data(), y.data());
+        }
+        best = std::min(best, std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+      }
+      std::printf("%s, %d thread(s): %.3f ms per pass, %.1f GB/s of codes and scales\n", what, threads, best,
+                  bytes / best / 1e6);
+    }
+  }).join();
+}
+
+__attribute__((target("avx2"))) float read_all(const float* p, size_t n) {
+  __m256 a = _mm256_setzero_ps(), b = a, c = a, d = a;
+  for (size_t i = 0; i + 32 <= n; i += 32) {
+    a = _mm256_add_ps(a, _mm256_loadu_ps(p + i));
+    b = _mm256_add_ps(b, _mm256_loadu_ps(p + i + 8));
+    c = _mm256_add_ps(c, _mm256_loadu_ps(p + i + 16));
+    d = _mm256_add_ps(d, _mm256_loadu_ps(p + i + 24));
+  }
+  float o[8];
+  _mm256_storeu_ps(o, _mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, d)));
+  return o[0] + o[7];
+}
+
+void time_read() {
+  const size_t n = size_t(64) << 20;  // 256 MB of floats
+  std::vector<float> v(n, 1.f);
+  for (int threads : {1, 2, 1, 2}) {
+    double best = 1e30;
+    float sink = 0.f;
+    for (int r = 0; r < 8; ++r) {
+      const auto t0 = std::chrono::steady_clock::now();
+      if (threads == 1) {
+        sink += read_all(v.data(), n);
+      } else {
+        float other = 0.f;
+        std::thread t([&] { other = read_all(v.data() + n / 2, n / 2); });
+        sink += read_all(v.data(), n / 2);
+        t.join();
+        sink += other;
+      }
+      best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    std::printf("plain read of 256 MB, %d thread(s): %.1f GB/s (%g)\n", threads, n * 4 / best / 1e9, double(sink));
+  }
+}
 
 }  // namespace
 
 int main(int argc, char** argv) {
+  std::mt19937 rng(1);
+  if (argc > 1 && std::strcmp(argv[1], "read") == 0) {
+    time_read();
+    return 0;
+  }
+  if (argc > 5 && std::strcmp(argv[1], "matrix") == 0) {
+    std::vector<Matrix> ms;
+    ms.emplace_back(std::atoi(argv[2]), std::atoi(argv[3]), std::atoi(argv[4]), std::atoi(argv[5]), rng);
+    char what[96];
+    std::snprintf(what, sizeof what, "%dx%d %d-bit g%d", ms[0].rows, ms[0].cols, ms[0].bits, ms[0].group);
+    time_passes(ms, 20, what);
+    return 0;
+  }
   const int layers = argc > 1 ? std::atoi(argv[1]) : 30;
   const int shapes[7][2] = {{576, 576}, {192, 576}, {192, 576}, {576, 576}, {1536, 576}, {1536, 576}, {576, 1536}};
-  std::mt19937 rng(1);
   std::vector<Matrix> ms;
-  size_t bytes = 0;
   for (int l = 0; l < layers; ++l)
-    for (const auto& s : shapes) {
-      Matrix m{s[0], s[1], std::vector<uint32_t>(size_t(s[0]) * s[1] / 8),
-               std::vector<uint16_t>(size_t(s[0]) * s[1] / 32, 0x3c00)};
-      for (auto& v : m.wq) v = rng();
-      bytes += m.wq.size() * 4 + m.scales.size() * 4;  // codes + scales + biases
-      ms.push_back(std::move(m));
-    }
-  std::vector<float> x(1536, 0.5f), y(1536);
-  // run from a thread of its own, as MLX's stream thread calls the kernels
-  std::thread([&] {
-    for (int threads : {1, 2, 1, 2}) {
-      mmt::set_num_threads(threads);
-      const int reps = layers == 1 ? 600 : 20;
-      const auto t0 = std::chrono::steady_clock::now();
-      for (int r = 0; r < reps; ++r)
-        for (auto& m : ms) {
-          mmt::AffineWeights w{m.wq.data(), m.scales.data(), m.scales.data(), m.rows, m.cols, 4, 32, true};
-          mmt::affine_matvec_shared(w, x.data(), y.data());
-        }
-      const double ms_per =
-          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / reps;
-      std::printf("%d layer(s), %d thread(s): %.3f ms per pass, %.1f GB/s of codes and scales\n", layers, threads,
-                  ms_per, bytes / ms_per / 1e6);
-    }
-  }).join();
+    for (const auto& s : shapes) ms.emplace_back(s[0], s[1], 4, 32, rng);
+  char what[64];
+  std::snprintf(what, sizeof what, "%d layer(s)", layers);
+  time_passes(ms, layers == 1 ? 600 : 20, what);
   return 0;
 }

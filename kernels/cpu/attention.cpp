@@ -1,10 +1,13 @@
 #include "attention.h"
 
+#include <algorithm>
 #include <stdexcept>
 #include <vector>
 
 #include "mlx/allocator.h"
 #include "layer_math.h"
+#include "thread_pool.h"
+#include "affine_kernels.h"
 #include "mlx/backend/cpu/encoder.h"
 
 namespace mmt {
@@ -60,21 +63,26 @@ void DecodeAttention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
     if (q.strides()[3] != 1 || k.strides()[3] != 1 || v.strides()[3] != 1)
       throw std::runtime_error("MmtDecodeAttention: the last axis of q, k and v must be contiguous");
     float* op = out.data<float>();
-    std::vector<float> p(Lk), acc(D);
-    for (int b = 0; b < B; ++b) {
-      for (int h = 0; h < Hq; ++h) {
-        const int hk = h / group;
-        const float* kb = reinterpret_cast<const float*>(kv.base) + b * kv.s[0] + hk * kv.s[1];
-        const float* vb = reinterpret_cast<const float*>(vv.base) + b * vv.s[0] + hk * vv.s[1];
-        for (int t = 0; t < Lq; ++t) {
-          const float* qr = reinterpret_cast<const float*>(qv.base) + b * qv.s[0] + h * qv.s[1] + t * qv.s[2];
-          const bool* mr = masked ? reinterpret_cast<const bool*>(mv->base) + b * mv->s[0] + t * mv->s[2] : nullptr;
-          float* orow = op + (size_t(b) * Lq + t) * size_t(Hq) * D + size_t(h) * D;
-          attend_row(qr, kb, kv.s[2], vb, vv.s[2], Lk, D, scale, mr, masked ? mv->s[3] : 0, p.data(), acc.data(),
-                     orow);
-        }
+    // rows (b, h, t) shared out in blocks of queries; each row is attend_row's alone, so the bits do not
+    // depend on the thread count (a prompt's many queries now take this path too, see models/base.py)
+    constexpr int kQueries = 8;
+    const int tblocks = (Lq + kQueries - 1) / kQueries;
+    parallel_for(B * Hq * tblocks, Lq > 1 ? num_threads() : 1, [&](int c) {
+      thread_local std::vector<float> p, acc;
+      p.resize(Lk);
+      acc.resize(D);
+      const int b = c / (Hq * tblocks), h = c / tblocks % Hq, t0 = c % tblocks * kQueries;
+      const int hk = h / group;
+      const float* kb = reinterpret_cast<const float*>(kv.base) + b * kv.s[0] + hk * kv.s[1];
+      const float* vb = reinterpret_cast<const float*>(vv.base) + b * vv.s[0] + hk * vv.s[1];
+      for (int t = t0; t < std::min(Lq, t0 + kQueries); ++t) {
+        const float* qr = reinterpret_cast<const float*>(qv.base) + b * qv.s[0] + h * qv.s[1] + t * qv.s[2];
+        const bool* mr = masked ? reinterpret_cast<const bool*>(mv->base) + b * mv->s[0] + t * mv->s[2] : nullptr;
+        float* orow = op + (size_t(b) * Lq + t) * size_t(Hq) * D + size_t(h) * D;
+        attend_row(qr, kb, kv.s[2], vb, vv.s[2], Lk, D, scale, mr, masked ? mv->s[3] : 0, p.data(), acc.data(),
+                   orow);
       }
-    }
+    });
   });
 }
 

@@ -16,22 +16,58 @@ namespace mmt {
 namespace {
 
 // Inlined into each clone of attend_row (a call per key through the clone dispatcher cost more than the dot).
-// Eight partial sums in a fixed order: a plain `s += a[i] * b[i]` loop may not be reordered without
-// -ffast-math, so it ran as one chain of dependent scalar adds, 4 cycles per element.
+// Partial sums in a fixed order: a plain `s += a[i] * b[i]` loop may not be reordered without -ffast-math, so
+// it ran as one chain of dependent scalar adds, 4 cycles per element.
 typedef float float8 __attribute__((vector_size(32)));
 
 inline __attribute__((always_inline)) float dot(const float* a, const float* b, int n) {
-  float8 acc = {};
+  float8 acc[4] = {};  // four chains: one chain of dependent FMAs made a 256-wide head's dot latency-bound
   int i = 0;
+  for (; i + 32 <= n; i += 32) {
+    for (int c = 0; c < 4; ++c) {
+      float8 va, vb;
+      std::memcpy(&va, a + i + 8 * c, sizeof va);
+      std::memcpy(&vb, b + i + 8 * c, sizeof vb);
+      acc[c] += va * vb;
+    }
+  }
   for (; i + 8 <= n; i += 8) {
     float8 va, vb;
     std::memcpy(&va, a + i, sizeof va);
     std::memcpy(&vb, b + i, sizeof vb);
-    acc += va * vb;
+    acc[0] += va * vb;
   }
-  float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+  const float8 t = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  float s = ((t[0] + t[4]) + (t[1] + t[5])) + ((t[2] + t[6]) + (t[3] + t[7]));
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
+}
+
+// e^x for 8 lanes with x <= 0 (scores minus their max), Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-5
+// polynomial for e^r (about 1 ulp), 2^n from the exponent bits. Vectorizes in the AVX2 clone, where a libm call
+// per key was most of a long prompt's attention. Inputs below -87 give e^-87 (~1.6e-38): masked keys are skipped.
+typedef int int8v __attribute__((vector_size(32)));
+
+inline __attribute__((always_inline)) float8 exp_nonpositive(float8 x) {
+  x = x < -87.f ? float8{} - 87.f : x;
+  const float8 t = 0.5f - x * 1.44269504088896341f;  // > 0: truncation rounds it down
+  int8v n;
+  float8 nf;
+  for (int i = 0; i < 8; ++i) {  // lane by lane (GCC 12 has no __builtin_convert_vector); SLP vectorizes it
+    n[i] = -int(t[i]);  // round(x log2 e)
+    nf[i] = float(n[i]);
+  }
+  const float8 r = (x - nf * 0.693359375f) - nf * -2.12194440e-4f;
+  float8 y = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.f;
+  const int8v bits = (n + 127) << 23;
+  float8 two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return y * two_n;
 }
 
 inline __attribute__((always_inline)) void axpy(float a, const float* x, float* y, int n) {
@@ -93,11 +129,41 @@ MMT_CLONES void attend_row(const float* q, const float* k, int64_t ks, const flo
   std::fill(acc, acc + d, 0.f);
   float sum = 0.f;
   if (mx_score != neg_inf) {
-    for (int j = 0; j < lk; ++j) {
-      if (p[j] == neg_inf) continue;
-      const float e = std::exp(p[j] - mx_score);
-      sum += e;
-      axpy(e, value(j), acc, d);
+    int j = 0;
+    for (; j + 8 <= lk; j += 8) {  // the weights, 8 keys at a time (masked keys: 0)
+      float8 s8;
+      std::memcpy(&s8, p + j, sizeof s8);
+      const float8 e = exp_nonpositive(s8 - mx_score);
+      const float8 w = s8 == neg_inf ? float8{} : e;
+      std::memcpy(p + j, &w, sizeof w);
+    }
+    if (j < lk) {  // the last keys through the same lanes, padded with masked ones
+      float8 s8 = float8{} + neg_inf;
+      std::memcpy(&s8, p + j, sizeof(float) * (lk - j));
+      const float8 e = exp_nonpositive(s8 - mx_score);
+      const float8 w = s8 == neg_inf ? float8{} : e;
+      std::memcpy(p + j, &w, sizeof(float) * (lk - j));
+    }
+    for (j = 0; j < lk; ++j) sum += p[j];
+    // acc += p_j v_j over the keys, 64 columns at a time held in registers (in memory, each key's adds waited
+    // on the previous key's stores); every element still adds the keys in order
+    int c0 = 0;
+    for (; c0 + 64 <= d; c0 += 64) {
+      float8 a[8] = {};
+      for (j = 0; j < lk; ++j) {
+        if (p[j] == 0.f) continue;  // masked (or below f32's range)
+        const float* vr = value(j) + c0;
+        for (int i = 0; i < 8; ++i) {
+          float8 vv;
+          std::memcpy(&vv, vr + 8 * i, sizeof vv);
+          a[i] += p[j] * vv;
+        }
+      }
+      std::memcpy(acc + c0, a, sizeof a);
+    }
+    if (c0 < d) {
+      for (j = 0; j < lk; ++j)
+        if (p[j] != 0.f) axpy(p[j], value(j) + c0, acc + c0, d - c0);
     }
   }
   const float inv = sum > 0.f ? 1.f / sum : 0.f;
