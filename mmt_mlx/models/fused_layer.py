@@ -5,8 +5,8 @@ so queuing step t+1 ran most of step t on the host thread and graph building nev
 (``bench/decode_host_time.py``). As one node per layer the host builds the next token's graph while this one
 runs, and the products use every core. It applies when the native kernels are on, one request decodes one
 token, its cache is a plain or sliding-window cache with earlier tokens, and every product of the layer has
-MLX's affine layout, plus at most a Gaussian level (a linear layer offering ``fused_operands()``). Otherwise the layer's separate ops run;
-both give the same bits (the node calls the same kernel functions). ``MMT_FUSED_LAYER=0`` turns it off (A/B runs).
+MLX's affine layout, plus at most a Gaussian level (a linear layer offering ``fused_operands()``). Otherwise the
+layer's separate ops run; both give the same bits (the node calls the same kernel functions). ``MMT_FUSED_LAYER=0`` turns it off (A/B runs).
 """
 
 from __future__ import annotations

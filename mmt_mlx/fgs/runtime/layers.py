@@ -247,15 +247,20 @@ class FGSLinear(nn.Module):
         """What the fused native decode layer takes: W is one affine level, plus at most one Gaussian level, and
         there is no bias; else None."""
         levels = self["levels"]  # item access: nn.Module's attribute fallback costs ~1 us a call, per token
-        if "bias" in self or len(levels) > 2:
+        if "bias" in self:
             return None
-        quant = [lv for lv in levels if isinstance(lv, QuantLevel)]
-        gauss = [lv for lv in levels if isinstance(lv, GaussianLevel)]
-        if len(quant) != 1 or len(quant) + len(gauss) != len(levels):
+        if len(levels) == 1:
+            q, g = levels[0], None
+        elif len(levels) == 2:  # two summands: their order does not change the sum
+            q, g = levels if isinstance(levels[0], QuantLevel) else levels[::-1]
+            if not isinstance(g, GaussianLevel):
+                return None
+        else:
             return None
-        q = quant[0]
-        g = gauss[0].native_operands() if gauss else None
-        return FusedOperands(q["wq"], q["scales"], q["biases"], q.group_size, q.bits, g)
+        if not isinstance(q, QuantLevel):
+            return None
+        gauss = g.native_operands() if g is not None else None
+        return FusedOperands(q["wq"], q["scales"], q["biases"], q.group_size, q.bits, gauss)
 
     def __call__(self, x: mx.array) -> mx.array:
         y = self.levels[0](x)
