@@ -40,8 +40,12 @@ def perplexity(
     ctx: int = 512,
     chunks: int = 8,
     progress: Callable[[int, int], None] | None = None,
+    per_token: bool = False,
 ) -> PerplexityResult:
-    """Score ``ids`` (text tokens without BOS) in chunks; ``model(tokens, cache)`` returns logits."""
+    """Score ``ids`` (text tokens without BOS) in chunks; ``model(tokens, cache)`` returns logits.
+
+    ``per_token`` feeds each chunk one token per call through the cache, as decoding does, so the scores come
+    from the decode path (on the CPU: the integer kernels and fused layers, not the prompt's GEMM)."""
     if ctx < 2:
         raise MmtError("ctx must be at least 2")
     parts = chunk_tokens(ids, bos, ctx, chunks)
@@ -49,7 +53,8 @@ def perplexity(
     t0 = time.perf_counter()
     for i, part in enumerate(parts):
         x = mx.array(part)[None]
-        logits = model(x[:, :-1], model.make_cache()).astype(mx.float32)
+        logits = _decode_logits(model, x[:, :-1]) if per_token else model(x[:, :-1], model.make_cache())
+        logits = logits.astype(mx.float32)
         logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         target = x[:, 1:]
         nll = -mx.take_along_axis(logp, target[..., None], axis=-1).squeeze(-1)
@@ -60,3 +65,13 @@ def perplexity(
     dt = time.perf_counter() - t0
     mean = total / count
     return PerplexityResult(math.exp(mean), count, len(parts), ctx, mean, dt, count / dt if dt else 0.0)
+
+
+def _decode_logits(model, x: mx.array) -> mx.array:
+    """(1, T, vocab) logits of x fed one token at a time through one cache."""
+    cache = model.make_cache()
+    steps = []
+    for i in range(x.shape[1]):
+        steps.append(model(x[:, i : i + 1], cache))
+        mx.eval(steps[-1])
+    return mx.concatenate(steps, axis=1)

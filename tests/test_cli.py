@@ -47,6 +47,20 @@ def test_eval_ppl_json(capsys, tiny_gguf):
     assert report["tokens"] == 2 * 63 and report["ppl"] > 1
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_eval_ppl_per_token_scores_the_decode_path(capsys, tiny_gguf, arch):
+    """--per-token feeds one token per step through the cache (the decode path: integer kernels and fused
+    layers on the CPU); it scores the same tokens as the prompt path, to within that path's rounding."""
+    path, _ = tiny_gguf[arch]
+    argv = ["eval", "ppl", "-m", path, "--text", ALICE, "--ctx", "48", "--chunks", "2", "--json"]
+    _, out, _ = run(capsys, *argv)
+    code, out_step, _ = run(capsys, *argv, "--per-token")
+    assert code == 0
+    prompt, step = json.loads(out), json.loads(out_step)
+    assert step["per_token"] and not prompt["per_token"] and step["tokens"] == prompt["tokens"] == 2 * 47
+    assert step["ppl"] == pytest.approx(prompt["ppl"], rel=1e-4)
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

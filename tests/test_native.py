@@ -258,6 +258,33 @@ def test_integer_path_is_exact_on_its_grid(bits: int):
             assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), (group, tokens)
 
 
+@needs_native
+@pytest.mark.parametrize("gelu", [False, True])
+def test_gated_activation_matches_float64(gelu: bool):
+    """SiLU / GELU-tanh gating: tail lanes, extreme inputs, a prompt-sized input shared over the pool (bits
+    independent of the thread count), and a row alone equal to the same row inside the prompt."""
+    rng = np.random.default_rng(31 + gelu)
+    for shape in [(1, 7), (3, 2048), (5, 16411)]:
+        g = rng.normal(scale=3.0, size=shape).astype(np.float32)
+        g.flat[:7] = [0.0, -0.0, 90.0, -90.0, 1e-30, -200.0, 200.0]
+        u = rng.normal(size=shape).astype(np.float32)
+        g64 = g.astype(np.float64)
+        if gelu:
+            act = 0.5 * g64 * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (g64 + 0.044715 * g64**3)))
+        else:
+            act = g64 / (1.0 + np.exp(-g64))
+        want = act * u
+        outs = []
+        for threads in (1, 2):
+            native.set_threads(threads)
+            outs.append(np.array(native.gated_activation(mx.array(g), mx.array(u), gelu)))
+        native.set_threads(0)
+        np.testing.assert_array_equal(outs[0], outs[1])
+        np.testing.assert_allclose(outs[0], want, rtol=1e-5, atol=1e-6)
+        alone = np.array(native.gated_activation(mx.array(g[-1:]), mx.array(u[-1:]), gelu))
+        np.testing.assert_array_equal(alone, outs[0][-1:])
+
+
 def test_absent_extension_falls_back_to_mlx_ops(monkeypatch, capsys):
     rng = np.random.default_rng(8)
     code = TensorCode((20, 64), [_code(rng, 20, 64, 4, 32)])

@@ -63,6 +63,38 @@ inline __attribute__((always_inline)) float8 exp_nonpositive(float8 x) {
   return y * two_n;
 }
 
+// e^x for 8 lanes of any sign, the same polynomial: x clamped to [-87, 88] (so 2^n stays a normal float and the
+// result finite), n = floor(x log2 e + 1/2) by truncating a positive shift of it.
+inline __attribute__((always_inline)) float8 exp_any(float8 x) {
+  x = x < -87.f ? float8{} - 87.f : x;
+  x = x > 88.f ? float8{} + 88.f : x;
+  const float8 t = x * 1.44269504088896341f + 128.5f;  // in [2.9, 255.5]: truncation rounds it down
+  int8v n;
+  float8 nf;
+  for (int i = 0; i < 8; ++i) {
+    n[i] = int(t[i]) - 128;
+    nf[i] = float(n[i]);
+  }
+  const float8 r = (x - nf * 0.693359375f) - nf * -2.12194440e-4f;
+  float8 y = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.f;
+  const int8v bits = (n + 127) << 23;
+  float8 two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return y * two_n;
+}
+
+// act(g) * u for 8 lanes: both activations are g * sigmoid(z), z = g for SiLU and, since 0.5 (1 + tanh(y)) =
+// sigmoid(2 y), z = 2 sqrt(2 / pi) (g + 0.044715 g^3) for GELU's tanh approximation.
+inline __attribute__((always_inline)) float8 gated8(float8 g, float8 u, bool gelu) {
+  const float8 z = gelu ? 1.5957691216057308f * (g + 0.044715f * g * g * g) : g;
+  return g / (1.f + exp_any(float8{} - z)) * u;
+}
+
 inline __attribute__((always_inline)) void axpy(float a, const float* x, float* y, int n) {
   for (int i = 0; i < n; ++i) y[i] += a * x[i];
 }
@@ -163,18 +195,24 @@ MMT_CLONES void attend_row(const float* q, const float* k, int64_t ks, const flo
   for (int i = 0; i < d; ++i) out[i] = acc[i] * inv;
 }
 
-void gated_activation(const float* gate, const float* up, float* out, size_t n, bool gelu) {
-  if (gelu) {
-    const float c = std::sqrt(2.f / float(M_PI));
-    for (size_t i = 0; i < n; ++i) {
-      const float g = gate[i];
-      out[i] = 0.5f * g * (1.f + std::tanh(c * (g + 0.044715f * g * g * g))) * up[i];
-    }
-    return;
+// Eight lanes at a time (vectorized in the AVX2 clone; std::tanh per element cost ~17 ns, 160 ms of Gemma 3's
+// 256-token prefill); the tail goes through the same lanes zero-padded, so every element's bits are the same
+// wherever it falls.
+MMT_CLONES void gated_activation(const float* gate, const float* up, float* out, size_t n, bool gelu) {
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    float8 g, u;
+    std::memcpy(&g, gate + i, sizeof g);
+    std::memcpy(&u, up + i, sizeof u);
+    const float8 o = gated8(g, u, gelu);
+    std::memcpy(out + i, &o, sizeof o);
   }
-  for (size_t i = 0; i < n; ++i) {
-    const float g = gate[i];
-    out[i] = g / (1.f + std::exp(-g)) * up[i];
+  if (i < n) {
+    float8 g = {}, u = {};
+    std::memcpy(&g, gate + i, (n - i) * sizeof(float));
+    std::memcpy(&u, up + i, (n - i) * sizeof(float));
+    const float8 o = gated8(g, u, gelu);
+    std::memcpy(out + i, &o, (n - i) * sizeof(float));
   }
 }
 

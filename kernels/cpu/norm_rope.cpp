@@ -1,11 +1,14 @@
 #include "norm_rope.h"
 
+#include <algorithm>
 #include <stdexcept>
 
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
+#include "affine_kernels.h"
 #include "layer_math.h"
 #include "operands.h"
+#include "thread_pool.h"
 
 namespace mmt {
 
@@ -115,7 +118,16 @@ mx::array gated_activation_op(const mx::array& gate, const mx::array& up, bool g
 
 void GatedActivation::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   eval_binary(stream(), inputs, out, [gelu = gelu_](const mx::array& g, const mx::array& u, mx::array& o) {
-    gated_activation(g.data<float>(), u.data<float>(), o.data<float>(), o.size(), gelu);
+    // a prompt's activations (Gemma 3: 256 x 2,048 a layer) over the pool, in chunks of whole 8-lane vectors
+    // (each element's bits do not depend on where a chunk starts); a token's stay on this thread
+    constexpr size_t kChunk = 16384;
+    const size_t n = o.size();
+    const float *gp = g.data<float>(), *up = u.data<float>();
+    float* op = o.data<float>();
+    parallel_for(int((n + kChunk - 1) / kChunk), n > kChunk ? num_threads() : 1, [&](int c) {
+      const size_t i0 = size_t(c) * kChunk;
+      gated_activation(gp + i0, up + i0, op + i0, std::min(kChunk, n - i0), gelu);
+    });
   });
 }
 

@@ -95,14 +95,16 @@ def cmd_eval_ppl(a: argparse.Namespace) -> int:
         if not a.json:
             print(f"\rchunk {i}/{n}", end="", file=sys.stderr, flush=True)
 
-    r = perplexity(lm.model, ids, bos, ctx=a.ctx, chunks=a.chunks, progress=progress)
+    r = perplexity(lm.model, ids, bos, ctx=a.ctx, chunks=a.chunks, progress=progress, per_token=a.per_token)
     if a.json:
         print(json.dumps({"model": lm.name, "ppl": r.ppl, "tokens": r.tokens, "chunks": r.chunks, "ctx": r.ctx,
+                          "per_token": a.per_token,
                           "nll": r.nll, "seconds": round(r.seconds, 3), "tokens_per_second": r.tokens_per_second,
                           "info": lm.info}))  # fmt: skip
     else:
         print(file=sys.stderr)
-        print(f"{lm.name}: ppl {r.ppl:.4f} over {r.tokens} tokens ({r.chunks} chunks of {r.ctx}), "
+        how = ", one token per step" if a.per_token else ""
+        print(f"{lm.name}: ppl {r.ppl:.4f} over {r.tokens} tokens ({r.chunks} chunks of {r.ctx}{how}), "
               f"{r.tokens_per_second:.1f} tok/s")  # fmt: skip
     return 0
 
@@ -120,6 +122,8 @@ def add_eval_parsers(eval_subparsers) -> None:
     ppl = eval_subparsers.add_parser("ppl", help="perplexity on a text file (llama.cpp's chunking rule)")
     add_model_arg(ppl, dense=True)
     _text_args(ppl, chunks=8)
+    ppl.add_argument("--per-token", action="store_true",
+                     help="feed the text one token per step through the cache, as decoding does (slower)")  # fmt: skip
     ppl.set_defaults(func=cmd_eval_ppl)
 
     kl = eval_subparsers.add_parser(
