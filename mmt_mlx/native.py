@@ -98,12 +98,20 @@ def fused_layers() -> bool:
 def quant_matmul(
     x: mx.array, wq: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int
 ) -> mx.array:
-    """y = x @ W.T for W in MLX's affine layout, on the native kernel; x (..., cols) -> (..., rows)."""
+    """y = x @ W.T for W in MLX's affine layout, on the native kernel; x (..., cols) -> (..., rows).
+
+    Up to ``gemm_min_tokens() - 1`` tokens the integer kernels stream the codes; more tokens (a prompt) decode
+    W in row blocks into the f32 GEMM."""
     mod = _load()
     if mod is None:
         raise RuntimeError(f"native CPU kernels unavailable: {_reason}")
     y = mod.affine_matmul(x, wq, scales, biases, group_size, bits)
     return y if x.dtype == mx.float32 else y.astype(x.dtype)
+
+
+def gemm_min_tokens() -> int:
+    """Token count from which native.quant_matmul decodes W into the f32 GEMM (kernels/cpu/affine_gemm.h)."""
+    return int(_require().gemm_min_tokens())
 
 
 def gaussian_matmul(

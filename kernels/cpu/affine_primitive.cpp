@@ -5,6 +5,7 @@
 #include <string>
 #include <stdexcept>
 
+#include "affine_gemm.h"
 #include "affine_kernels.h"
 #include "operands.h"
 #include "mlx/allocator.h"
@@ -82,7 +83,11 @@ void AffineMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out
                 b = bits_]() mutable {
     const bool half = scales.dtype() == mx::float16;
     AffineWeights w{wq.data<uint32_t>(), scales.data<void>(), biases.data<void>(), rows, cols, b, g, half};
-    affine_matmul(w, x.data<float>(), out.data<float>(), tokens);
+    if (tokens >= kGemmMinTokens) {
+      affine_gemm(w, x.data<float>(), out.data<float>(), tokens);
+    } else {
+      affine_matmul(w, x.data<float>(), out.data<float>(), tokens);
+    }
   });
 }
 

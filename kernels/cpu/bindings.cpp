@@ -8,6 +8,7 @@
 
 #include <stdexcept>
 
+#include "affine_gemm.h"
 #include "affine_kernels.h"
 #include "affine_primitive.h"
 #include "attention.h"
@@ -64,6 +65,8 @@ NB_MODULE(_native, m) {
   m.def("set_layer_profile", &mmt::set_layer_profile, "on"_a, "Time the fused layers' sections (off by default).");
   m.def("take_layer_profile", &mmt::take_layer_profile,
         "[products, attention, rest] ms and the layer count since the last call; resets them.");
+  m.def("gemm_min_tokens", [] { return mmt::kGemmMinTokens; },
+        "Token count from which affine_matmul decodes W into the f32 GEMM instead of the integer kernels.");
   m.def("set_num_threads", &mmt::set_num_threads, "n"_a, "Threads for the kernels (<= 0: default).");
   m.def("num_threads", &mmt::num_threads);
   m.def("isa", &mmt::isa, "Code path chosen for this CPU: 'avx2+fma+avx512vnni', 'avx2+fma' or 'scalar'.");

@@ -139,9 +139,6 @@ class CirculantLevel(nn.Module):
         return rows.reshape(ids.shape[0], -1)[:, : self.cols]
 
 
-NATIVE_MAX_TOKENS = 32  # products over more tokens than this take the GEMM path on the CPU
-
-
 class _OpsScales:
     """An f32 copy of a level's f16 scales for the MLX-ops path, made on first use (a plain object, so that
     nn.Module does not count it among the model's parameters)."""
@@ -164,14 +161,10 @@ class QuantLevel(nn.Module):
         self.biases = mx.array(np.asarray(code.biases).astype(sdt))
 
     def __call__(self, x: mx.array) -> mx.array:
-        # native CPU kernel (mmt_mlx/native.py) for decode and small batches; a long prefill goes through
-        # row tiles dequantized by the native kernel and OpenBLAS's GEMM (ops.quant_matmul): 20-30% faster
-        # than the integer kernel at pp256, and MLX's own scalar dequantize would cost more than the GEMM
+        # native CPU kernel (mmt_mlx/native.py): integer kernels for decode and small batches, the codes
+        # decoded in row blocks into OpenBLAS's GEMM for a long prompt (one node either way)
         if native.enabled():
-            if x.size <= NATIVE_MAX_TOKENS * x.shape[-1]:
-                return native.quant_matmul(x, self.wq, self.scales, self.biases, self.group_size, self.bits)
-            args = (self.wq, self.scales, self.biases, self.group_size, self.bits)
-            return ops.quant_matmul(x, *args, tile_decoder=native.dequantize)
+            return native.quant_matmul(x, self.wq, self.scales, self.biases, self.group_size, self.bits)
         s, b = self._ops_scales()
         return ops.quant_matmul(x, self.wq, s, b, self.group_size, self.bits)
 
