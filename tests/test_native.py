@@ -386,7 +386,7 @@ def test_decode_attention_matches_mlx_sdpa():
         return np.array(o.transpose(0, 2, 1, 3).reshape(b, n, h * d))
 
     cases = [(1, 9, 3, 1, 37, 64), (3, 4, 2, 1, 50, 62), (2, 4, 4, 3, 1, 16), (1, 4, 1, 70, 70, 256),
-             (2, 9, 3, 21, 33, 80)]  # fmt: skip
+             (2, 9, 3, 21, 33, 80), (2, 3, 1, 300, 310, 64)]  # fmt: skip
     for b, hq, hkv, lq, lk, d in cases:
         q = mx.array(rng.normal(size=(b, lq, hq, d)).astype(np.float32)).transpose(0, 2, 1, 3)
         k = mx.array(rng.normal(size=(b, hkv, lk + 9, d)).astype(np.float32))[..., :lk, :]
