@@ -1,7 +1,8 @@
 """Key/value caches for incremental decoding.
 
 ``KVCache`` grows a preallocated buffer in steps (no O(T) copy per token). ``SlidingKVCache`` keeps only the
-last ``window - 1`` positions once a step is done, so a sliding-window layer's memory is bounded by its window.
+last ``window - 1`` positions once a step is done, so a sliding-window layer's memory is bounded by its window
+(plus a buffer's room to append into).
 Both report the absolute position of the first key they return, which the attention mask is built from.
 ``BatchCache`` groups one layer's caches of the requests decoded together in a continuous batch.
 ``prefix_copy`` gives a new cache holding the first tokens of another (what the prompt cache reuses).
@@ -62,28 +63,82 @@ class KVCache:
 
 
 class SlidingKVCache:
-    """Cache for a sliding-window layer: a query at position p sees keys at p - window + 1 .. p."""
+    """Cache for a sliding-window layer: a query at position p sees keys at p - window + 1 .. p.
+
+    The stored keys (the last ``window - 1 + slack`` positions once a step is done) are ``buf[..., lo:hi]`` of a
+    buffer with room after them: an append writes past ``hi`` and moves ``lo`` on, and only when the buffer is
+    full are the stored keys copied to the front of a new one (once per ``step`` tokens; a copy of the whole
+    window per token had cost Gemma 3 ~5 ms a decoded token). As with ``KVCache``, the buffer's positions from
+    ``hi`` on belong to this cache alone: ``keys``/``values`` and every copy end at ``hi``, and assigning
+    ``keys``/``values`` makes that array the buffer, full, so its first append reallocates.
+    """
+
+    step = 256
 
     def __init__(self, window: int, slack: int = 0) -> None:
         self.window = window
         self.slack = slack  # extra old keys kept (masked out) so a prefix a little shorter stays reusable
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
+        self.buf_k: mx.array | None = None
+        self.buf_v: mx.array | None = None
+        self.lo = self.hi = 0  # the stored keys' span in the buffers
         self.offset = 0
         self.start = 0  # absolute position of self.keys[..., 0, :]
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array, int]:
-        if self.keys is None:
-            all_k, all_v = keys, values
-        else:
-            all_k = mx.concatenate([self.keys, keys], axis=2)
-            all_v = mx.concatenate([self.values, values], axis=2)
-        start = self.start
-        self.offset += keys.shape[2]
-        keep = min(self.window - 1 + self.slack, all_k.shape[2])  # what the next query can still see
-        self.keys, self.values = all_k[..., -keep:, :], all_v[..., -keep:, :]
+    @property
+    def keys(self) -> mx.array | None:
+        return None if self.buf_k is None else self.buf_k[..., self.lo : self.hi, :]
+
+    @keys.setter
+    def keys(self, k: mx.array | None) -> None:
+        self.buf_k, self.lo, self.hi = k, 0, 0 if k is None else k.shape[2]
+
+    @property
+    def values(self) -> mx.array | None:
+        return None if self.buf_v is None else self.buf_v[..., self.lo : self.hi, :]
+
+    @values.setter
+    def values(self, v: mx.array | None) -> None:
+        self.buf_v = v
+
+    def reserve(self, n: int, key_shape: tuple[int, ...], value_dim: int, dtype: mx.Dtype) -> None:
+        """Make room for ``n`` more positions after ``hi`` (the stored keys move to the front of a new buffer)."""
+        if self.buf_k is not None and self.hi + n <= self.buf_k.shape[2]:
+            return
+        room = ((n + self.step - 1) // self.step) * self.step
+        new_k = mx.zeros((*key_shape[:2], room, key_shape[3]), dtype)
+        new_v = mx.zeros((*key_shape[:2], room, value_dim), dtype)
+        if self.buf_k is None or self.buf_v is None:
+            self.buf_k, self.buf_v, self.lo, self.hi = new_k, new_v, 0, 0
+            return
+        stored_k, stored_v = self.keys, self.values
+        assert stored_k is not None and stored_v is not None
+        self.buf_k = mx.concatenate([stored_k, new_k], axis=2)
+        self.buf_v = mx.concatenate([stored_v, new_v], axis=2)
+        self.hi -= self.lo
+        self.lo = 0
+
+    def appended(self, n: int) -> None:
+        """``n`` positions were written at ``hi`` (here or by the fused layer): keep what the next query sees."""
+        self.hi += n
+        self.offset += n
+        keep = min(self.window - 1 + self.slack, self.hi - self.lo)
+        self.lo = self.hi - keep
         self.start = self.offset - keep
-        return all_k, all_v, start
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array, int]:
+        """Append (B, H, L, D) keys/values; return the stored and new ones and the first one's position."""
+        start, n = self.start, keys.shape[2]
+        if self.buf_k is None:  # a first prompt: keep its tail as the buffer (full: the next append moves it)
+            self.buf_k, self.buf_v, self.lo, self.hi = keys, values, 0, 0
+        else:
+            self.reserve(n, keys.shape, values.shape[3], keys.dtype)
+            assert self.buf_k is not None and self.buf_v is not None
+            self.buf_k[..., self.hi : self.hi + n, :] = keys
+            self.buf_v[..., self.hi : self.hi + n, :] = values
+        lo = self.lo
+        self.appended(n)
+        assert self.buf_k is not None and self.buf_v is not None
+        return self.buf_k[..., lo : self.hi, :], self.buf_v[..., lo : self.hi, :], start
 
     @property
     def state(self) -> list[mx.array]:

@@ -77,6 +77,7 @@ def test_fused_decode_equals_the_layer_ops_bit_for_bit(arch, gaussian, monkeypat
     and without Gaussian levels beside the affine ones; the logits and the caches equal those of the separate
     native ops exactly."""
     monkeypatch.setattr(KVCache, "step", 16)  # the 20-token prompt's buffer (32) grows during decoding
+    monkeypatch.setattr(SlidingKVCache, "step", 4)  # sliding caches move their keys to a new buffer every 4
     lm = affine_tiny(arch, gaussian)
     prompt, steps = list(range(5, 25)), 14
     monkeypatch.setenv("MMT_FUSED_LAYER", "0")

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from mmt_mlx.build import build_model
+from mmt_mlx.cache import KVCache, SlidingKVCache
 from mmt_mlx.testing import TINY_CONFIGS, random_weights
 
 
@@ -23,9 +24,13 @@ def test_logits_shape(arch):
     assert bool(mx.all(mx.isfinite(out)))
 
 
+@pytest.mark.parametrize("step", [256, 3])
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_token_by_token_equals_full_forward(arch):
-    # 21 tokens: longer than the tiny Gemma's sliding window of 8, so the window and its cache are exercised.
+def test_token_by_token_equals_full_forward(arch, step, monkeypatch):
+    # 21 tokens: longer than the tiny Gemma's sliding window of 8, so the window and its cache are exercised;
+    # with buffers grown 3 positions at a time the sliding caches also move their keys to a new buffer often.
+    monkeypatch.setattr(SlidingKVCache, "step", step)
+    monkeypatch.setattr(KVCache, "step", step)
     model = tiny(arch)
     tokens = mx.array([[(7 * i + 3) % 97 for i in range(21)]])
     full = model(tokens)
@@ -59,8 +64,11 @@ def test_sliding_cache_is_bounded():
     model = tiny("gemma3")
     cache = model.make_cache()
     model(mx.array([list(range(40))]), cache)
+    for t in range(30):  # decoding appends into the buffer's room, which stays bounded
+        model(mx.array([[t]]), cache)
     for layer, c in zip(model.layers, cache):
         if layer.self_attn.window is not None:
-            assert c.keys.shape[2] == layer.self_attn.window - 1
+            assert c.keys.shape[2] == layer.self_attn.window - 1 and c.start == 70 - c.keys.shape[2]
+            assert c.buf_k.shape[2] <= layer.self_attn.window - 1 + SlidingKVCache.step
         else:
-            assert c.offset == 40
+            assert c.offset == 70

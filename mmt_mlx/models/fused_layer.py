@@ -80,19 +80,21 @@ def decode(spec: LayerSpec, x: mx.array, cache: KVCache | SlidingKVCache) -> mx.
         gauss.append(ops.gaussian is not None)
         if ops.gaussian is not None:
             gaussian += ops.gaussian
-    in_place = isinstance(cache, KVCache)
-    if in_place:  # room for the token: the node writes it into the buffer itself (decode_layer.h says why)
-        cache.reserve(1, (1, spec.kv_heads, 1, spec.head_dim), spec.head_dim, mx.float32)
-    assert cache.keys is not None and cache.values is not None
-    h, k, v = native.decode_layer(
-        x, cache.keys, cache.values, spec.norms, weights + gaussian, bits, groups, gauss=gauss,
+    # room for the token: the node writes it into the buffer itself (decode_layer.h says why); a sliding
+    # cache's buffer holds its stored keys at lo..hi, and the node reads only the last `window` of them
+    cache.reserve(1, (1, spec.kv_heads, 1, spec.head_dim), spec.head_dim, mx.float32)
+    sliding = isinstance(cache, SlidingKVCache)
+    buf_k, buf_v = (cache.buf_k, cache.buf_v) if sliding else (cache.keys, cache.values)
+    assert buf_k is not None and buf_v is not None
+    h, _, _ = native.decode_layer(
+        x, buf_k, buf_v, spec.norms, weights + gaussian, bits, groups, gauss=gauss,
         heads=spec.heads, kv_heads=spec.kv_heads, head_dim=spec.head_dim, eps=spec.eps,
         rope_base=spec.rope_base, rope_scale=spec.rope_scale, attn_scale=spec.attn_scale, gelu=spec.gelu,
         qk_norm=spec.qk_norm, sandwich=spec.sandwich, position=cache.offset,
-        cached=cache.offset if in_place else cache.keys.shape[2], window=spec.window or 0, write_cache=in_place,
+        cached=cache.hi if sliding else cache.offset, window=spec.window or 0, write_cache=True,
     )  # fmt: skip
-    if in_place:
-        cache.offset += 1
+    if sliding:
+        cache.appended(1)
     else:
-        cache.update_and_fetch(k, v)
+        cache.offset += 1
     return h
