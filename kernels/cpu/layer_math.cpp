@@ -35,21 +35,11 @@ inline __attribute__((always_inline)) float dot(const float* a, const float* b, 
   return s;
 }
 
-// e^x for 8 lanes with x <= 0 (scores minus their max), Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-5
-// polynomial for e^r (about 1 ulp), 2^n from the exponent bits. Vectorizes in the AVX2 clone; against a libm
-// call per key, one query's attention over 1,024 keys of SmolLM2's 30 x 9 heads took 3.7-4.3 ms instead of
-// 4.8-5.2 (one thread, this file alone, 2026-12-03). Inputs below -87 give e^-87 (~1.6e-38); masked keys get 0.
+// e^x for 8 lanes, Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-5 polynomial for e^r (about 1 ulp),
+// 2^n from the exponent bits; n = round(x log2 e) comes from the callers below (and its float nf).
 typedef int int8v __attribute__((vector_size(32)));
 
-inline __attribute__((always_inline)) float8 exp_nonpositive(float8 x) {
-  x = x < -87.f ? float8{} - 87.f : x;
-  const float8 t = 0.5f - x * 1.44269504088896341f;  // > 0: truncation rounds it down
-  int8v n;
-  float8 nf;
-  for (int i = 0; i < 8; ++i) {  // lane by lane (GCC 12 has no __builtin_convert_vector); SLP vectorizes it
-    n[i] = -int(t[i]);  // round(x log2 e)
-    nf[i] = float(n[i]);
-  }
+inline __attribute__((always_inline)) float8 exp_of(float8 x, int8v n, float8 nf) {
   const float8 r = (x - nf * 0.693359375f) - nf * -2.12194440e-4f;
   float8 y = r * 1.9875691500e-4f + 1.3981999507e-3f;
   y = y * r + 8.3334519073e-3f;
@@ -63,8 +53,23 @@ inline __attribute__((always_inline)) float8 exp_nonpositive(float8 x) {
   return y * two_n;
 }
 
-// e^x for 8 lanes of any sign, the same polynomial: x clamped to [-87, 88] (so 2^n stays a normal float and the
-// result finite), n = floor(x log2 e + 1/2) by truncating a positive shift of it.
+// e^x with x <= 0 (scores minus their max). Vectorizes in the AVX2 clone; against a libm call per key, one
+// query's attention over 1,024 keys of SmolLM2's 30 x 9 heads took 3.7-4.3 ms instead of 4.8-5.2 (one thread,
+// this file alone, 2026-12-03). Inputs below -87 give e^-87 (~1.6e-38); masked keys get 0.
+inline __attribute__((always_inline)) float8 exp_nonpositive(float8 x) {
+  x = x < -87.f ? float8{} - 87.f : x;
+  const float8 t = 0.5f - x * 1.44269504088896341f;  // > 0: truncation rounds it down
+  int8v n;
+  float8 nf;
+  for (int i = 0; i < 8; ++i) {  // lane by lane (GCC 12 has no __builtin_convert_vector); SLP vectorizes it
+    n[i] = -int(t[i]);  // round(x log2 e)
+    nf[i] = float(n[i]);
+  }
+  return exp_of(x, n, nf);
+}
+
+// e^x of any sign: x clamped to [-87, 88] (so 2^n stays a normal float and the result finite), n = floor(x log2
+// e + 1/2) by truncating a positive shift of it.
 inline __attribute__((always_inline)) float8 exp_any(float8 x) {
   x = x < -87.f ? float8{} - 87.f : x;
   x = x > 88.f ? float8{} + 88.f : x;
@@ -75,17 +80,7 @@ inline __attribute__((always_inline)) float8 exp_any(float8 x) {
     n[i] = int(t[i]) - 128;
     nf[i] = float(n[i]);
   }
-  const float8 r = (x - nf * 0.693359375f) - nf * -2.12194440e-4f;
-  float8 y = r * 1.9875691500e-4f + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * (r * r) + r + 1.f;
-  const int8v bits = (n + 127) << 23;
-  float8 two_n;
-  std::memcpy(&two_n, &bits, sizeof two_n);
-  return y * two_n;
+  return exp_of(x, n, nf);
 }
 
 // act(g) * u for 8 lanes: both activations are g * sigmoid(z), z = g for SiLU and, since 0.5 (1 + tanh(y)) =
