@@ -16,7 +16,6 @@ Speed notes (MLX 0.32 on Linux CPU, measured; see bench/fgs_ops.py):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -226,14 +225,12 @@ def quant_matmul(
     biases: mx.array,
     group_size: int,
     bits: int,
-    tile_decoder: Callable[..., mx.array] | None = None,
 ) -> mx.array:
     """y = W @ x for an MLX-affine quantized level; x (..., cols) -> (..., rows).
 
     GPU backends: ``mx.quantized_matmul``. CPU: quantized_matmul for a token or two, else row tiles
-    dequantized into f32 (at most ``_TEMP_ELEMS`` weights each) times x through the f32 GEMM.
-    ``tile_decoder(wq, scales, biases, group_size, bits)`` -> f32 tile replaces MLX's dequantize (the native
-    CPU kernel's, which also reads f16 scales as stored).
+    dequantized into f32 (at most ``_TEMP_ELEMS`` weights each) times x through the f32 GEMM (the native
+    kernels do the same in one node: kernels/cpu/affine_gemm.cpp).
     """
     xf, lead = _flatten(x)
     t, cols = xf.shape
@@ -244,20 +241,13 @@ def quant_matmul(
         y = mx.quantized_matmul(xc, wq, scales, biases, transpose=True, group_size=group_size, bits=bits)
         return y.astype(x.dtype).reshape(*lead, rows)
     xc = xf.astype(mx.float32)
-    # a native tile decode is one task, and MLX lets ~10 tasks run ahead of the CPU stream (each holding its
-    # output), so its tiles are 4x smaller to keep the same bound on decoded weights alive at once
-    elems = _TEMP_ELEMS if tile_decoder is None else _TEMP_ELEMS // 4
-    tile = max(1, min(rows, elems // cols))
+    tile = max(1, min(rows, _TEMP_ELEMS // cols))
     outs: list[mx.array] = []
     for r0 in range(0, rows, tile):
         wq_t = wq[r0 : r0 + tile]
         if outs:  # MLX would otherwise dequantize every tile before the first product: serialize them
             wq_t = mx.depends(wq_t, outs[-1])
         st, bt = scales[r0 : r0 + tile], biases[r0 : r0 + tile]
-        if tile_decoder is not None:
-            w = tile_decoder(wq_t, st, bt, group_size, bits)
-        else:
-            w = dequantize_rows(wq_t, st, bt, group_size, bits, mx.float32)
-        outs.append(xc @ w.T)
+        outs.append(xc @ dequantize_rows(wq_t, st, bt, group_size, bits, mx.float32).T)
     y = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
     return y.astype(x.dtype).reshape(*lead, rows)
