@@ -97,7 +97,7 @@ class SlidingKVCache:
         return None if self.buf_v is None else self.buf_v[..., self.lo : self.hi, :]
 
     @values.setter
-    def values(self, v: mx.array | None) -> None:
+    def values(self, v: mx.array | None) -> None:  # after keys, whose setter sets the span for both
         self.buf_v = v
 
     def reserve(self, n: int, key_shape: tuple[int, ...], value_dim: int, dtype: mx.Dtype) -> None:

@@ -61,6 +61,33 @@ def test_eval_ppl_per_token_scores_the_decode_path(capsys, tiny_gguf, arch):
     assert step["ppl"] == pytest.approx(prompt["ppl"], rel=1e-4)
 
 
+def test_per_token_perplexity_feeds_one_token_per_call():
+    """perplexity(per_token=True) calls the model once per token with a one-token input and a cache that grows,
+    and scores the tokens as the whole-chunk call does (a tiny dense model: both paths are MLX ops)."""
+    from mmt_mlx.perplexity import perplexity
+    from mmt_mlx.testing import tiny_model
+
+    model = tiny_model("gemma3").model  # sliding-window layers too
+    calls: list[tuple[int, int]] = []
+
+    class Counting:
+        def make_cache(self):
+            return model.make_cache()
+
+        def __call__(self, tokens, cache):
+            calls.append((tokens.shape[1], cache[0].offset))
+            return model(tokens, cache)
+
+    ids = [(7 * i + 3) % 97 for i in range(60)]
+    whole = perplexity(Counting(), ids, 1, ctx=21, chunks=2)
+    assert calls == [(20, 0), (20, 0)]
+    calls.clear()
+    step = perplexity(Counting(), ids, 1, ctx=21, chunks=2, per_token=True)
+    assert calls == [(1, i) for i in range(20)] * 2
+    assert step.tokens == whole.tokens == 40
+    assert step.ppl == pytest.approx(whole.ppl, rel=1e-4)
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

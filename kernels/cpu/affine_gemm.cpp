@@ -10,9 +10,9 @@
 namespace mmt {
 namespace {
 
-// Weights decoded per GEMM call: 8 MB of f32 holds any projection of SmolLM2 or Gemma 3 (2,048 x 640) whole,
-// where 1 MB tiles through MLX ops measured 7.5 ms against 5.2 for Gemma's up projection at 256 tokens; a
-// vocabulary head (a perplexity run's logits) goes in blocks of rows.
+// Weights decoded per GEMM call: 8 MB of f32 holds any projection of SmolLM2 or Gemma 3 (2,048 x 640) whole (1 MB
+// tiles through MLX ops had taken Gemma's 6-bit products at 256 tokens ~530 ms, these blocks 363 ms: README,
+// bench/prefill_profile.py); a vocabulary head (a perplexity run's logits) goes in blocks of rows.
 constexpr size_t kGemmBlockWeights = size_t(1) << 21;
 
 // Rows [r0, r0 + n) of w as a matrix of their own (same codes, scales and biases, no copy).
@@ -36,8 +36,8 @@ void affine_gemm(const AffineWeights& w, const float* x, float* y, int tokens) {
   for (int r0 = 0; r0 < w.rows; r0 += block) {
     const int n = std::min(block, w.rows - r0);
     affine_dequantize(row_block(w, r0, n), buf.data());
-    cblas_sgemm(kCblasRowMajor, kCblasNoTrans, kCblasTrans, tokens, n, w.cols, 1.f, x, w.cols, buf.data(), w.cols, 0.f, y + r0,
-                w.rows);
+    cblas_sgemm(kCblasRowMajor, kCblasNoTrans, kCblasTrans, tokens, n, w.cols, 1.f, x, w.cols, buf.data(), w.cols,
+                0.f, y + r0, w.rows);
   }
 }
 

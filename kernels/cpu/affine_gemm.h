@@ -6,8 +6,9 @@
 
 namespace mmt {
 
-// Token counts above which affine_matmul_op takes this path (below it the integer kernels stream the codes once
-// per 8 tokens; above it the GEMM's blocking wins: bench/fgs_ops.py).
+// Token count from which affine_matmul_op takes this path; below it the integer kernels stream the codes once per
+// 8 tokens. The 32-token boundary is the one the Python side used before (the tile GEMM measured 20-30% faster
+// than the integer kernels at 256 tokens, 2026-12-03); it was not re-tuned.
 constexpr int kGemmMinTokens = 33;
 
 // y (tokens, rows) = x (tokens, cols) @ W.T, all row-contiguous f32. W is decoded (over the pool) into a buffer
