@@ -316,9 +316,18 @@ struct RowReader {
 
 using IntDotRows = void (*)(const AffineWeights&, const uint8_t* const*, int, const IntX&, const float*, float*);
 
+template <int BITS, int NR>
+IntDotRows int_dot_rows_kernel(int group, bool vnni_cpu) {
+  switch (group) {
+    case 32: return vnni_cpu ? vnni::dot_rows_int<BITS, NR, 32> : avx2::dot_rows_int<BITS, NR, 32>;
+    case 64: return vnni_cpu ? vnni::dot_rows_int<BITS, NR, 64> : avx2::dot_rows_int<BITS, NR, 64>;
+    default: return vnni_cpu ? vnni::dot_rows_int<BITS, NR, 0> : avx2::dot_rows_int<BITS, NR, 0>;
+  }
+}
+
 // The integer kernel for these codes on this CPU, or nullptr (float path).
 template <int NR>
-IntDotRows pick_int_dot_rows(int bits) {
+IntDotRows pick_int_dot_rows(int bits, int group) {
 #ifdef MMT_X86
   if (use_int_kernels()) {
     // Every width takes the integer path for one token too, although the float path measured ~20% faster
@@ -326,16 +335,16 @@ IntDotRows pick_int_dot_rows(int bits) {
     // int16 x and int32 group sums in both kernels), or greedy streams drift apart after a near-tie.
     const bool v = use_vnni();
     switch (bits) {
-      case 2: return v ? vnni::dot_rows_int<2, NR> : avx2::dot_rows_int<2, NR>;
-      case 3: return v ? vnni::dot_rows_int<3, NR> : avx2::dot_rows_int<3, NR>;
-      case 4: return v ? vnni::dot_rows_int<4, NR> : avx2::dot_rows_int<4, NR>;
-      case 5: return v ? vnni::dot_rows_int<5, NR> : avx2::dot_rows_int<5, NR>;
-      case 6: return v ? vnni::dot_rows_int<6, NR> : avx2::dot_rows_int<6, NR>;
-      case 8: return v ? vnni::dot_rows_int<8, NR> : avx2::dot_rows_int<8, NR>;
+      case 2: return int_dot_rows_kernel<2, NR>(group, v);
+      case 3: return int_dot_rows_kernel<3, NR>(group, v);
+      case 4: return int_dot_rows_kernel<4, NR>(group, v);
+      case 5: return int_dot_rows_kernel<5, NR>(group, v);
+      case 6: return int_dot_rows_kernel<6, NR>(group, v);
+      case 8: return int_dot_rows_kernel<8, NR>(group, v);
     }
   }
 #endif
-  (void)bits;
+  (void)bits, (void)group;
   return nullptr;
 }
 
@@ -382,8 +391,8 @@ void split_matvecs(int n, const AffineWeights* ws, const float* x, float* const*
       for (int j = g * w.group; j < (g + 1) * w.group; ++j) s += x[j];
       p.xsum[g] = s;
     }
-    p.i4 = pick_int_dot_rows<4>(w.bits);
-    p.i1 = pick_int_dot_rows<1>(w.bits);
+    p.i4 = pick_int_dot_rows<4>(w.bits, w.group);
+    p.i1 = pick_int_dot_rows<1>(w.bits, w.group);
     p.first_chunk = nchunks;
     nchunks += (w.rows + chunk_rows - 1) / chunk_rows;
   }
@@ -407,7 +416,7 @@ void split_matvecs(int n, const AffineWeights* ws, const float* x, float* const*
 }
 
 void matvec(const AffineWeights& w, const RowReader& rd, const float* x, float* y, int nthreads) {
-  const IntDotRows idot4 = pick_int_dot_rows<4>(w.bits), idot1 = pick_int_dot_rows<1>(w.bits);
+  const IntDotRows idot4 = pick_int_dot_rows<4>(w.bits, w.group), idot1 = pick_int_dot_rows<1>(w.bits, w.group);
   // One token runs on the calling thread (outside a fused layer the other core is building the next step's
   // graph), unless the matrix is as large as a vocabulary head: that runs last, when the builder is idle.
   if (idot4 && nthreads > 1 && size_t(w.rows) * w.cols >= split_matvec_weights()) {
@@ -585,7 +594,7 @@ void affine_matvec_shared_many(int n, const AffineWeights* ws, const float* x, f
   std::vector<float*> outs;
   for (int i = 0; i < n; ++i) {
     if (ws[i].rows == 0) continue;
-    if (pick_int_dot_rows<4>(ws[i].bits)) {
+    if (pick_int_dot_rows<4>(ws[i].bits, ws[i].group)) {
       split.push_back(ws[i]);
       outs.push_back(ys[i]);
     } else {
