@@ -7,17 +7,12 @@
 #include <vector>
 
 #include "affine_kernels.h"
+#include "clones.h"
 #include "operands.h"
 #include "thread_pool.h"
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
 
-// GCC on x86 builds an AVX2 clone of the blur beside the portable one and picks at load time.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MMT_CLONES __attribute__((target_clones("avx2,fma", "default")))
-#else
-#define MMT_CLONES
-#endif
 
 namespace mmt {
 namespace {

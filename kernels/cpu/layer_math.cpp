@@ -1,16 +1,11 @@
 #include "layer_math.h"
 
 #include <algorithm>
-#include <cstring>
 #include <cmath>
+#include <cstring>
 #include <limits>
 
-// GCC on x86 builds an AVX2 clone of the inner loops beside the portable one and picks at load time.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MMT_CLONES __attribute__((target_clones("avx2,fma", "default")))
-#else
-#define MMT_CLONES
-#endif
+#include "clones.h"
 
 namespace mmt {
 namespace {
