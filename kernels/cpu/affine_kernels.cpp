@@ -321,6 +321,7 @@ IntDotRows int_dot_rows_kernel(int group, bool vnni_cpu) {
   switch (group) {
     case 32: return vnni_cpu ? vnni::dot_rows_int<BITS, NR, 32> : avx2::dot_rows_int<BITS, NR, 32>;
     case 64: return vnni_cpu ? vnni::dot_rows_int<BITS, NR, 64> : avx2::dot_rows_int<BITS, NR, 64>;
+    case 128: return vnni_cpu ? vnni::dot_rows_int<BITS, NR, 128> : avx2::dot_rows_int<BITS, NR, 128>;
     default: return vnni_cpu ? vnni::dot_rows_int<BITS, NR, 0> : avx2::dot_rows_int<BITS, NR, 0>;
   }
 }
