@@ -126,8 +126,9 @@ def test_dequantize_equals_mlx_dequantize(bits: int, group: int):
 
 @needs_native
 def test_long_prompt_takes_the_gemm_and_matches_ops(monkeypatch):
-    """From gemm_min_tokens() tokens the native product decodes W (f16 scales as stored, no f32 copy) into the
-    GEMM, in row blocks when W is large: the same as the MLX-ops path and float64 to float rounding."""
+    """From gemm_min_tokens() tokens the native product is one GEMM (integer on AVX2 CPUs, else W decoded in row
+    blocks into the f32 GEMM; f16 scales as stored, no f32 copy): the same as the MLX-ops path and float64 to
+    rounding."""
     rng = np.random.default_rng(11)
     n = native.gemm_min_tokens()
     for rows, cols, bits, group, tokens in [
@@ -145,6 +146,31 @@ def test_long_prompt_takes_the_gemm_and_matches_ops(monkeypatch):
         with monkeypatch.context() as m:
             m.setenv("MMT_NATIVE", "0")
             np.testing.assert_allclose(y, np.array(lin(x)), rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@needs_native
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+def test_prompt_gemm_rows_do_not_depend_on_their_neighbours(bits: int):
+    """A prompt's product (the integer GEMM on AVX2 CPUs, tiles of 16 rows and 4 tokens): each token's outputs
+    are the same bits wherever it sits in the prompt (tail tokens included), f16 scales are read as stored
+    (subnormals too), a group of x that is all zeros gives its bias part only, and the result stays within the
+    int16 rounding bound of float64."""
+    rng = np.random.default_rng(40 + bits)
+    n = native.gemm_min_tokens()
+    rows, cols, group = 37, 3 * 64, 64
+    c = _code(rng, rows, cols, bits, group)
+    c.scales[0, 0], c.biases[1, 1] = np.float16(3e-6), np.float16(-5e-7)
+    wq, s16, b16 = mx.array(c.wq), mx.array(c.scales), mx.array(c.biases)
+    x = rng.normal(size=(n + 6, cols)).astype(np.float32)
+    x[2, :group] = 0.0
+    x[5] *= 1e4
+    y = np.array(native.quant_matmul(mx.array(x), wq, s16, b16, group, bits))
+    want = x.astype(np.float64) @ _dense(c).T
+    assert (np.abs(y - want) <= 2e-5 * np.abs(want).max(axis=1, keepdims=True) + _int_bound(c, x)).all()
+    perm = rng.permutation(len(x))
+    np.testing.assert_array_equal(
+        np.array(native.quant_matmul(mx.array(x[perm]), wq, s16, b16, group, bits)), y[perm]
+    )
 
 
 @needs_native
@@ -193,6 +219,48 @@ def test_scalar_fallback_path_agrees():
     env = {**os.environ, "MMT_NATIVE_ISA": "scalar"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+@needs_native
+def test_avx2_integer_path_equals_the_vnni_one(tmp_path):
+    """MMT_NATIVE_ISA=avx2 (vpmaddwd + vpaddd, what AVX2 CPUs without VNNI run) in a fresh process: one token, a
+    few tokens and a prompt through the integer GEMM, within the int16 bound of float64 and, the int32 sums being
+    exact either way, the same bits as this process's kernels."""
+    if native.describe()["isa"] == "scalar":
+        pytest.skip("this CPU has no AVX2: only the portable path runs here")
+    rng = np.random.default_rng(8)
+    cases = {}
+    for bits in SUPPORTED_BITS:
+        c = _code(rng, 45, 192, bits, 64)
+        for t in (1, 5, native.gemm_min_tokens() + 3):
+            x = rng.normal(size=(t, 192)).astype(np.float32)
+            y = np.array(native.quant_matmul(mx.array(x), *_arrays(c), 64, bits))
+            bound = 2e-5 * np.abs(y).max() + _int_bound(c, x)
+            assert (np.abs(y - x.astype(np.float64) @ _dense(c).T) <= bound).all(), (bits, t)
+            cases[f"{bits}_{t}"] = (c, x, y)
+    np.savez(tmp_path / "cases.npz", **{k: v[2] for k, v in cases.items()})
+    code = (
+        "import sys, numpy as np, mlx.core as mx, mmt_mlx\n"
+        "from mmt_mlx import native\n"
+        "from tests.test_native import _code, _arrays, _dense\n"
+        "from mmt_mlx.fgs.encoders.quant import SUPPORTED_BITS\n"
+        "assert native.describe()['isa'] == 'avx2+fma', native.describe()\n"
+        "want = np.load(sys.argv[1] + '/cases.npz')\n"
+        "rng = np.random.default_rng(8)\n"
+        "for bits in SUPPORTED_BITS:\n"
+        "    c = _code(rng, 45, 192, bits, 64)\n"
+        "    for t in (1, 5, native.gemm_min_tokens() + 3):\n"
+        "        x = rng.normal(size=(t, 192)).astype(np.float32)\n"
+        "        got = np.array(native.quant_matmul(mx.array(x), *_arrays(c), 64, bits))\n"
+        "        assert np.array_equal(got, want[f'{bits}_{t}']), (bits, t)\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "MMT_NATIVE_ISA": "avx2"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], env=env, cwd=root, capture_output=True, text=True
+    )
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
 
 

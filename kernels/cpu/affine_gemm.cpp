@@ -30,6 +30,7 @@ AffineWeights row_block(const AffineWeights& w, int r0, int n) {
 
 void affine_gemm(const AffineWeights& w, const float* x, float* y, int tokens) {
   if (w.rows == 0 || tokens == 0) return;
+  if (affine_int_gemm(w, x, y, tokens)) return;  // CPUs with the integer kernels (AVX2); others decode to f32
   const int block = int(std::max<size_t>(1, std::min<size_t>(w.rows, kGemmBlockWeights / size_t(w.cols))));
   thread_local std::vector<float> buf;
   buf.resize(size_t(block) * w.cols);

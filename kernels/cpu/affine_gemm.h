@@ -1,5 +1,7 @@
-// A prompt's product y = x @ W.T for W in MLX's affine layout: W decoded to f32 in row blocks, each block through
-// the f32 GEMM that MLX's own matmul calls (cblas_sgemm: OpenBLAS when mmt_mlx/blas.py loaded it first).
+// A prompt's product y = x @ W.T for W in MLX's affine layout. On x86 with AVX2 it is the integer GEMM of
+// int_gemm.inc (x rounded to int16 per token and group, 16 rows of codes per vpdpwssd); elsewhere W is decoded to
+// f32 in row blocks, each block through the f32 GEMM that MLX's own matmul calls (cblas_sgemm: OpenBLAS when
+// mmt_mlx/blas.py loaded it first).
 #pragma once
 
 #include "affine_kernels.h"
@@ -7,8 +9,9 @@
 namespace mmt {
 
 // Token count from which affine_matmul_op takes this path; below it the integer kernels stream the codes once per
-// 8 tokens. The 32-token boundary is the one the Python side used before (the tile GEMM measured 20-30% faster
-// than the integer kernels at 256 tokens, 2026-12-03); it was not re-tuned.
+// 8 tokens. The integer GEMM is already faster from 4 tokens (bench/int_gemm_bench.cpp), but a continuous batch's
+// decode step (one token per sequence) must give each sequence the bits it gets alone, which only the few-token
+// kernels do (the same float order as one token's): so the switch stays above any batch the server runs.
 constexpr int kGemmMinTokens = 33;
 
 // y (tokens, rows) = x (tokens, cols) @ W.T, all row-contiguous f32. W is decoded (over the pool) into a buffer

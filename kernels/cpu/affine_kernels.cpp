@@ -459,6 +459,43 @@ void matvec(const AffineWeights& w, const RowReader& rd, const float* x, float* 
   }
 }
 
+namespace avx2 {
+#define MMT_INT_TARGET __attribute__((target("avx2,fma,f16c")))
+#define MMT_INT_VNNI 0
+#include "int_gemm.inc"
+#undef MMT_INT_TARGET
+#undef MMT_INT_VNNI
+}  // namespace avx2
+
+namespace vnni {
+#define MMT_INT_TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
+#define MMT_INT_VNNI 1
+#include "int_gemm.inc"
+#undef MMT_INT_TARGET
+#undef MMT_INT_VNNI
+}  // namespace vnni
+
+using IntGemm = void (*)(const AffineWeights&, const float*, float*, int);
+
+// The integer GEMM for these codes on this CPU, or nullptr.
+IntGemm pick_int_gemm(int bits) {
+#ifdef MMT_X86
+  if (use_int_kernels()) {
+    const bool v = use_vnni();
+    switch (bits) {
+      case 2: return v ? vnni::int_gemm<2> : avx2::int_gemm<2>;
+      case 3: return v ? vnni::int_gemm<3> : avx2::int_gemm<3>;
+      case 4: return v ? vnni::int_gemm<4> : avx2::int_gemm<4>;
+      case 5: return v ? vnni::int_gemm<5> : avx2::int_gemm<5>;
+      case 6: return v ? vnni::int_gemm<6> : avx2::int_gemm<6>;
+      case 8: return v ? vnni::int_gemm<8> : avx2::int_gemm<8>;
+    }
+  }
+#endif
+  (void)bits;
+  return nullptr;
+}
+
 using RowTokens = void (*)(const AffineWeights&, const uint8_t*, int, const IntX*, const float*, float*, int);
 
 template <int BITS, bool VNNI>
@@ -582,6 +619,13 @@ void affine_dequantize(const AffineWeights& w, float* out) {
       dequant_row_scalar(w, rd.row(r), r, o);
     }
   });
+}
+
+bool affine_int_gemm(const AffineWeights& w, const float* x, float* y, int tokens) {
+  const IntGemm k = pick_int_gemm(w.bits);
+  if (!k || w.group % 32 != 0) return false;
+  if (w.rows > 0 && tokens > 0) k(w, x, y, tokens);
+  return true;
 }
 
 void affine_matvec_shared(const AffineWeights& w, const float* x, float* y) {

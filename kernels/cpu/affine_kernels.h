@@ -63,6 +63,11 @@ void affine_matvec_shared_many(int n, const AffineWeights* ws, const float* x, f
 // out (rows, cols) = W as f32 (a long prompt's tile, then the BLAS GEMM): rows shared out by the pool.
 void affine_dequantize(const AffineWeights& w, float* out);
 
+// A prompt's y (tokens, rows) = x (tokens, cols) @ W.T through integer multiply-adds (x rounded to int16 per
+// token and group, as for one token; int_gemm.inc). False, computing nothing, where this CPU has no integer
+// kernels (the caller takes the f32 GEMM).
+bool affine_int_gemm(const AffineWeights& w, const float* x, float* y, int tokens);
+
 // Threads used by the kernels (default: MMT_THREADS or the number of cores); n <= 0 restores the default.
 void set_num_threads(int n);
 int num_threads();
