@@ -45,7 +45,8 @@ int main(int argc, char** argv) {
     });
     const double gmacs = double(rows) * cols * tokens / gemm / 1e6;
     if (tokens <= 32)
-      std::printf("%3d tokens: few-token kernels %.3f ms, integer GEMM %.3f ms (%.0f GMAC/s)\n", tokens, few, gemm, gmacs);
+      std::printf("%3d tokens: few-token kernels %.3f ms, integer GEMM %.3f ms (%.0f GMAC/s)\n", tokens, few, gemm,
+                  gmacs);
     else
       std::printf("%3d tokens: integer GEMM %.3f ms (%.0f GMAC/s)\n", tokens, gemm, gmacs);
   }
