@@ -100,8 +100,8 @@ def quant_matmul(
 ) -> mx.array:
     """y = x @ W.T for W in MLX's affine layout, on the native kernel; x (..., cols) -> (..., rows).
 
-    Up to ``gemm_min_tokens() - 1`` tokens the integer kernels stream the codes; more tokens (a prompt) decode
-    W in row blocks into the f32 GEMM."""
+    Up to ``gemm_min_tokens() - 1`` tokens the integer kernels stream the codes; more tokens (a prompt) go
+    through the integer GEMM (on CPUs without AVX2, W decoded in row blocks into the f32 GEMM)."""
     mod = _load()
     if mod is None:
         raise RuntimeError(f"native CPU kernels unavailable: {_reason}")
@@ -109,8 +109,24 @@ def quant_matmul(
     return y if x.dtype == mx.float32 else y.astype(x.dtype)
 
 
+def codebook_enabled(group_size: int) -> bool:
+    """Whether codebook codes (the rotated Gaussian codes) in these groups run on the native kernels now: they
+    need the integer kernels (AVX2); elsewhere the MLX-ops path serves them."""
+    return enabled() and group_size % 32 == 0 and bool(_require().codebook_matmul_available())
+
+
+def codebook_matmul(
+    x: mx.array, wq: mx.array, scales: mx.array, codebook: mx.array, group_size: int, bits: int
+) -> mx.array:
+    """y = x @ W.T for W = scale * codebook[code] (codes packed as MLX's affine layout packs them), on the
+    integer GEMM for any token count: the levels rounded to 1/2047 of the largest, x to int16 per 32 columns
+    (kernels/cpu/int_gemm.inc); a token's outputs do not depend on the other tokens of the call."""
+    y = _require().codebook_matmul(x, wq, scales, codebook, group_size, bits)
+    return y if x.dtype == mx.float32 else y.astype(x.dtype)
+
+
 def gemm_min_tokens() -> int:
-    """Token count from which native.quant_matmul decodes W into the f32 GEMM (kernels/cpu/affine_gemm.h)."""
+    """Token count from which native.quant_matmul takes the prompt GEMM (kernels/cpu/affine_gemm.h)."""
     return int(_require().gemm_min_tokens())
 
 

@@ -173,6 +173,97 @@ def test_prompt_gemm_rows_do_not_depend_on_their_neighbours(bits: int):
     )
 
 
+def _codebook_bound(code, x: np.ndarray) -> np.ndarray:
+    """Error bound of the native codebook product: each level rounded to a step of max|level| / 2047, x to int16
+    per 32 columns (step max|x_block| / 32767), plus float rounding."""
+    from mmt_mlx.fgs.encoders.gauss_codes import decode_rotated
+
+    w = decode_rotated(code).astype(np.float64)  # the rotated rows, scale * level
+    g = np.arange(code.cols) // code.group_size
+    s = np.abs(code.scales.astype(np.float64))[:, g]
+    level_step = np.abs(code.codebook).max() / 2047
+    xa = np.abs(x.astype(np.float64))
+    xstep = xa.reshape(len(x), -1, 32).max(-1).repeat(32, axis=1) / 32767
+    return (xa * level_step / 2) @ s.T + (xstep / 2) @ np.abs(w).T + 1e-5 * xa @ np.abs(w).T
+
+
+@needs_native
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6])
+def test_codebook_product_against_float64_and_alone_vs_batched(bits: int, monkeypatch):
+    """The rotated Gaussian codes' product on the integer GEMM (any token count): within its rounding bound of
+    float64 and of the MLX path, the same bits on 1 and 2 threads, and a token's outputs the same bits alone as
+    inside a batch of 40 (what a continuous batch needs)."""
+    from mmt_mlx.fgs.encoders.gauss_codes import decode_rotated, encode_rotq
+
+    if not native.codebook_enabled(64):
+        pytest.skip("this CPU has no integer kernels: the MLX path serves the codebook codes")
+    rng = np.random.default_rng(bits)
+    for rows, cols, group in [(37, 192, 64), (20, 256, 128), (33, 96, 32)]:
+        code = encode_rotq(rng.standard_normal((rows, cols)).astype(np.float32), bits, group, seed=3)
+        wr = decode_rotated(code).astype(np.float64)
+        args = (
+            mx.array(code.wq),
+            mx.array(code.scales.astype(np.float32)),
+            mx.array(code.codebook),
+            group,
+            bits,
+        )
+        x = rng.standard_normal((40, cols)).astype(np.float32)
+        x[3, :32] = 0.0
+        outs = []
+        for threads in (1, 2):
+            native.set_threads(threads)
+            outs.append(np.array(native.codebook_matmul(mx.array(x), *args)))
+        native.set_threads(0)
+        np.testing.assert_array_equal(outs[0], outs[1])
+        y = outs[0]
+        bound = _codebook_bound(code, x)
+        assert (np.abs(y - x.astype(np.float64) @ wr.T) <= bound).all(), (rows, cols, group)
+        for t in (0, 3, 39):
+            np.testing.assert_array_equal(
+                np.array(native.codebook_matmul(mx.array(x[t : t + 1]), *args))[0], y[t]
+            )
+        f16 = (
+            mx.array(code.wq),
+            mx.array(code.scales),
+            mx.array(code.codebook),
+            group,
+            bits,
+        )  # scales as stored
+        np.testing.assert_array_equal(np.array(native.codebook_matmul(mx.array(x), *f16)), y)
+    with pytest.raises(ValueError, match="2\\^bits levels"):
+        native.codebook_matmul(mx.array(x), args[0], args[1], args[2][:-1], group, bits)
+
+
+@needs_native
+def test_rotq_layer_runs_native_and_matches_the_mlx_path(monkeypatch):
+    """An FGS linear layer of rotq codes runs the native node (rotation in MLX ops, one product node) and agrees
+    with the MLX reference path within the integer rounding."""
+    from mmt_mlx.fgs.encoders.gauss_codes import encode_rotq
+
+    if not native.codebook_enabled(64):
+        pytest.skip("this CPU has no integer kernels: the MLX path serves the codebook codes")
+    rng = np.random.default_rng(0)
+    code = encode_rotq(rng.standard_normal((70, 128)).astype(np.float32), 4, 64, seed=5)
+    lin = FGSLinear(TensorCode((70, 128), [code]))
+    x = mx.array(rng.standard_normal((1, 9, 128)).astype(np.float32))
+    y = lin(x)
+    assert "CodebookMatmul" in _node_names(y)
+    with monkeypatch.context() as m:
+        m.setenv("MMT_NATIVE", "0")
+        ref = lin(x)
+        assert "CodebookMatmul" not in _node_names(ref)
+    np.testing.assert_allclose(np.array(y), np.array(ref), rtol=2e-3, atol=2e-3 * np.abs(np.array(ref)).max())
+
+
+def _node_names(out: mx.array) -> str:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".dot") as f:
+        mx.export_to_dot(f.name, out)
+        return open(f.name).read()
+
+
 @needs_native
 def test_leading_dims_dtype_and_graph_transforms():
     rng = np.random.default_rng(5)

@@ -103,6 +103,9 @@ def _code(rows=96, cols=128, bits=3, seed=9):
 def test_mlx_product_matches_numpy_decode(tokens, monkeypatch):
     from mmt_mlx.fgs.runtime import rotq_layer
 
+    monkeypatch.setenv(
+        "MMT_NATIVE", "0"
+    )  # the MLX reference path (tests/test_native.py checks the native one)
     monkeypatch.setattr(rotq_layer, "_TILE_ELEMS", 128 * 40)  # several tiles, the last one partial
     _, code = _code()
     dense = decode_rotq(code)
@@ -112,7 +115,8 @@ def test_mlx_product_matches_numpy_decode(tokens, monkeypatch):
     np.testing.assert_allclose(y, x @ dense.T, rtol=1e-4, atol=1e-4)
 
 
-def test_shared_input_reuses_one_rotation():
+def test_shared_input_reuses_one_rotation(monkeypatch):
+    monkeypatch.setenv("MMT_NATIVE", "0")  # float64-tight comparisons: the reference product
     _, c1 = _code(seed=4)
     _, c2 = _code(seed=4)
     a, b = FGSLinear(TensorCode((96, 128), [c1])), FGSLinear(TensorCode((96, 128), [c2]))
@@ -122,7 +126,8 @@ def test_shared_input_reuses_one_rotation():
     np.testing.assert_allclose(np.asarray(ya), np.asarray(x) @ decode_rotq(c1).T, rtol=1e-4, atol=1e-4)
 
 
-def test_embedding_rows_and_tied_head():
+def test_embedding_rows_and_tied_head(monkeypatch):
+    monkeypatch.setenv("MMT_NATIVE", "0")  # float64-tight comparisons: the reference product
     _, code = _code(rows=200, cols=64 * 2, bits=4)
     dense = decode_rotq(code)
     emb = FGSEmbedding(TensorCode((200, 128), [code]))
@@ -219,7 +224,7 @@ def test_scale_refit_lowers_the_weighted_error():
         assert np.allclose(decode_rotated(refit), v * np.repeat(s, 64, axis=1), rtol=1e-3, atol=1e-6)
 
 
-def test_distilled_scales_lower_the_kl_and_keep_the_format(tiny_gguf, tmp_path):
+def test_distilled_scales_lower_the_kl_and_keep_the_format(tiny_gguf, tmp_path, monkeypatch):
     """The student (codes fixed, group gains trained) starts as the stored model; distillation lowers its KL
     from the dense model on the training windows and writes f16 scales the runtime loads."""
     from mmt_mlx.build import load_fgs, model_from_source
@@ -236,7 +241,10 @@ def test_distilled_scales_lower_the_kl_and_keep_the_format(tiny_gguf, tmp_path):
     student = model_from_source(src, "s").model
     _students(student, codes)
     stored = load_fgs(out, "rot").model
-    want = stored(x, stored.make_cache())
+    with monkeypatch.context() as m:
+        m.setenv("MMT_NATIVE", "0")  # the stored model on the MLX reference path, as the student computes
+        want = stored(x, stored.make_cache())
+        mx.eval(want)
     np.testing.assert_allclose(
         np.array(student(x, student.make_cache())), np.array(want), rtol=1e-3, atol=1e-3
     )

@@ -68,6 +68,15 @@ void affine_dequantize(const AffineWeights& w, float* out);
 // kernels (the caller takes the f32 GEMM).
 bool affine_int_gemm(const AffineWeights& w, const float* x, float* y, int tokens);
 
+// The same product for codebook codes (the rotated Gaussian codes): W[r][j] = scale[r][g] * codebook[code[r][j]]
+// with codes packed as MLX's affine layout packs them (w.biases unused, may be null), the codebook's 2^bits levels
+// rounded to steps of max|level| / 2047 and x to int16 per 32 columns; any token count (a token's outputs do not depend on the others
+// in the call, so a request gets the same bits alone and in a batch). False where the integer kernels are off.
+bool codebook_int_gemm(const AffineWeights& w, const float* codebook, const float* x, float* y, int tokens);
+
+// Whether the integer GEMM serves these codes on this CPU (AVX2, integer kernels not turned off).
+bool int_gemm_available(int bits);
+
 // Threads used by the kernels (default: MMT_THREADS or the number of cores); n <= 0 restores the default.
 void set_num_threads(int n);
 int num_threads();

@@ -100,6 +100,52 @@ bool AffineMatmul::is_equivalent(const mx::Primitive& other) const {
   return group_size_ == o.group_size_ && bits_ == o.bits_;
 }
 
+mx::array codebook_matmul_op(const mx::array& x, const mx::array& wq, const mx::array& scales,
+                             const mx::array& codebook, int group_size, int bits, mx::StreamOrDevice s) {
+  if (x.ndim() < 1) throw std::invalid_argument("codebook_matmul: x must have at least one dimension");
+  if (bits < 2 || bits > 6) throw std::invalid_argument("codebook_matmul: bits must be 2 to 6");
+  if (!int_gemm_available(bits) || group_size % 32 != 0)
+    throw std::invalid_argument("codebook_matmul: needs the integer kernels (AVX2) and groups of 32, 64 or 128");
+  check_affine("codebook_matmul", x.shape(-1), wq, scales, scales, group_size, bits);  // no biases: scales twice
+  if (codebook.ndim() != 1 || codebook.shape(0) != (1 << bits))
+    throw std::invalid_argument("codebook_matmul: the codebook must hold 2^bits levels");
+  auto stream = mx::to_stream(s);
+  const auto sdt = scales.dtype() == mx::float16 ? mx::float16 : mx::float32;
+  mx::Shape out_shape = x.shape();
+  out_shape.back() = wq.shape(0);
+  return mx::array(out_shape, mx::float32, std::make_shared<CodebookMatmul>(stream, group_size, bits),
+                   {mx::astype(x, mx::float32, stream), mx::astype(wq, mx::uint32, stream),
+                    mx::astype(scales, sdt, stream), mx::astype(codebook, mx::float32, stream)});
+}
+
+void CodebookMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  const std::vector<mx::array> ops = row_contiguous_inputs(inputs, enc);
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  for (const auto& a : ops) enc.set_input_array(a);
+  enc.set_output_array(out);
+  const int rows = ops[1].shape(0), cols = ops[0].shape(-1);
+  const int tokens = cols ? int(ops[0].size() / cols) : 0;
+  enc.dispatch([x = mx::array::unsafe_weak_copy(ops[0]), wq = mx::array::unsafe_weak_copy(ops[1]),
+                scales = mx::array::unsafe_weak_copy(ops[2]), cb = mx::array::unsafe_weak_copy(ops[3]),
+                out = mx::array::unsafe_weak_copy(out), rows, cols, tokens, g = group_size_,
+                b = bits_]() mutable {
+    const bool half = scales.dtype() == mx::float16;
+    AffineWeights w{wq.data<uint32_t>(), scales.data<void>(), nullptr, rows, cols, b, g, half};
+    if (!codebook_int_gemm(w, cb.data<float>(), x.data<float>(), out.data<float>(), tokens))
+      throw std::runtime_error("codebook_matmul: this CPU has no integer kernels (the MLX-ops path serves it)");
+  });
+}
+
+void CodebookMatmul::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("MmtCodebookMatmul runs on the CPU only");
+}
+
+bool CodebookMatmul::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const CodebookMatmul&>(other);
+  return group_size_ == o.group_size_ && bits_ == o.bits_;
+}
+
 mx::array affine_dequantize_op(const mx::array& wq, const mx::array& scales, const mx::array& biases,
                                int group_size, int bits, mx::StreamOrDevice s) {
   if (wq.ndim() != 2) throw std::invalid_argument("affine_dequantize: wq must be 2-D");

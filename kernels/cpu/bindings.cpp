@@ -26,6 +26,11 @@ NB_MODULE(_native, m) {
   m.def("affine_matmul", &mmt::affine_matmul_op, "x"_a, "wq"_a, "scales"_a, "biases"_a, "group_size"_a,
         "bits"_a, nb::kw_only(), "stream"_a = nb::none(),
         "y = x @ W.T for W in MLX's affine layout (f32 result), computed by the native CPU kernel.");
+  m.def("codebook_matmul", &mmt::codebook_matmul_op, "x"_a, "wq"_a, "scales"_a, "codebook"_a, "group_size"_a,
+        "bits"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "y = x @ W.T for codebook codes, W = scale * codebook[code] (f32 result), by the integer kernels.");
+  m.def("codebook_matmul_available", [] { return mmt::int_gemm_available(4); },
+        "Whether codebook_matmul runs here (the integer kernels: AVX2, MMT_NATIVE_FLOAT unset).");
   m.def("affine_dequantize", &mmt::affine_dequantize_op, "wq"_a, "scales"_a, "biases"_a, "group_size"_a,
         "bits"_a, nb::kw_only(), "stream"_a = nb::none(),
         "W (rows, cols) as f32 from MLX's affine layout, by the native CPU kernel (a long prompt's GEMM tile).");

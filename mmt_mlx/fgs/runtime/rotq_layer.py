@@ -1,4 +1,5 @@
-"""MLX reference path of the "rotq" level: y = Wr (R x), Wr decoded from Gaussian codes tile by tile.
+"""The "rotq" level: y = Wr (R x), Wr from Gaussian codes. On a CPU with the native integer kernels the product is
+one node (``native.codebook_matmul``); elsewhere the MLX reference path below decodes Wr tile by tile.
 
 R is the seeded FFT rotation of ``rotation.py`` (one rfft/irfft pair per input); consecutive levels that
 receive the same input array with the same seed (q/k/v, gate/up) reuse one rotated copy. The codes are
@@ -13,6 +14,7 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 
+from mmt_mlx import native
 from mmt_mlx.fgs.codes import RotQCode
 from mmt_mlx.fgs.encoders.rotation import rotation_params
 
@@ -66,7 +68,7 @@ class RotQLevel(nn.Module):
         super().__init__()
         self.rows, self.cols = code.rows, code.cols
         self.bits, self.group_size = code.bits, code.group_size
-        self.use_kernel = use_kernel  # no GPU kernel yet: the reference path runs everywhere
+        self.use_kernel = use_kernel  # no GPU kernel yet: GPUs run the reference path, CPUs the native one
         self.rotation = Rotation(code.cols, code.seed)
         self.codebook = mx.array(np.asarray(code.codebook, np.float32))
         self.wq = mx.array(np.asarray(code.wq, np.uint32))
@@ -88,6 +90,8 @@ class RotQLevel(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         xr = self.rotation.forward(x)
+        if native.codebook_enabled(self.group_size):  # the integer GEMM of kernels/cpu/int_gemm.inc
+            return native.codebook_matmul(xr, self.wq, self.scales, self.codebook, self.group_size, self.bits)
         outs = []
         for a in range(0, self.rows, self.tile):
             b = min(self.rows, a + self.tile)
