@@ -52,6 +52,13 @@ def _int_bound(c: QuantCode, x: np.ndarray) -> np.ndarray:
     return (step / 2) @ sq.T
 
 
+def _run_fresh(code: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    """python -c code in a fresh process from the repository root (settings the extension reads once), env added."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, "-c", code, *args], env={**os.environ, **env}, cwd=root,
+                          capture_output=True, text=True)  # fmt: skip
+
+
 @needs_native
 def test_extension_loads_for_this_mlx():
     assert native.available(), native.describe()
@@ -307,9 +314,7 @@ def test_scalar_fallback_path_agrees():
         "    assert np.array_equal(deq, np.array(mx.dequantize(wq, s, b, group_size=32, bits=bits))), bits\n"
         "print('ok')\n"
     )
-    env = {**os.environ, "MMT_NATIVE_ISA": "scalar"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
+    out = _run_fresh(code, {"MMT_NATIVE_ISA": "scalar"})
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
 
 
@@ -347,11 +352,7 @@ def test_avx2_integer_path_equals_the_vnni_one(tmp_path):
         "        assert np.array_equal(got, want[f'{bits}_{t}']), (bits, t)\n"
         "print('ok')\n"
     )
-    env = {**os.environ, "MMT_NATIVE_ISA": "avx2"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path)], env=env, cwd=root, capture_output=True, text=True
-    )
+    out = _run_fresh(code, {"MMT_NATIVE_ISA": "avx2"}, str(tmp_path))
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
 
 
@@ -376,10 +377,7 @@ def test_split_one_token_product_is_bit_identical(tmp_path):
         "    c = _code(np.random.default_rng(bits), 301, 256, bits, 64)\n"
         "    np.save(f'{sys.argv[1]}/y{bits}.npy', np.array(native.quant_matmul(x, *_arrays(c), 64, bits)))\n"
     )
-    env = {**os.environ, "MMT_SPLIT_MATVEC": "1000", "MMT_THREADS": "2"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, cwd=root, capture_output=True,
-                         text=True)  # fmt: skip
+    out = _run_fresh(code, {"MMT_SPLIT_MATVEC": "1000", "MMT_THREADS": "2"}, str(tmp_path))
     assert out.returncode == 0, out.stderr[-2000:]
     for bits in SUPPORTED_BITS:
         np.testing.assert_array_equal(np.load(tmp_path / f"y{bits}.npy"), want[bits])

@@ -194,10 +194,26 @@ void prepare_int_x(const float* x, int cols, int group, int bits, IntX& q) {
   }
 }
 
+// The last row of the matrix is copied into a padded buffer: load8 may read up to 8 bytes from a chunk of
+// `bits` bytes and unpack16_i16 16 bytes from one of 2 * bits bytes, which would run past the end of the array.
+struct RowReader {
+  const AffineWeights& w;
+  size_t row_bytes;
+  std::vector<uint8_t> last;
+  explicit RowReader(const AffineWeights& w_) : w(w_), row_bytes(size_t(w_.cols) * w_.bits / 8) {
+    last.assign(row_bytes + 16, 0);
+    std::memcpy(last.data(), reinterpret_cast<const uint8_t*>(w.wq) + (w.rows - 1) * row_bytes, row_bytes);
+  }
+  const uint8_t* row(int r) const {
+    return r == w.rows - 1 ? last.data() : reinterpret_cast<const uint8_t*>(w.wq) + size_t(r) * row_bytes;
+  }
+};
+
 namespace avx2 {
 #define MMT_INT_TARGET __attribute__((target("avx2,fma,f16c")))
 #define MMT_INT_VNNI 0
 #include "int_kernels.inc"
+#include "int_gemm.inc"
 #undef MMT_INT_TARGET
 #undef MMT_INT_VNNI
 }  // namespace avx2
@@ -206,6 +222,7 @@ namespace vnni {
 #define MMT_INT_TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
 #define MMT_INT_VNNI 1
 #include "int_kernels.inc"
+#include "int_gemm.inc"
 #undef MMT_INT_TARGET
 #undef MMT_INT_VNNI
 }  // namespace vnni
@@ -299,20 +316,6 @@ DotRows pick_dot_rows(int bits) {
   return dot_rows_scalar<NR>;
 }
 
-// The last row of the matrix is copied into a padded buffer: load8 may read up to 8 bytes from a chunk of
-// `bits` bytes and unpack16_i16 16 bytes from one of 2 * bits bytes, which would run past the end of the array.
-struct RowReader {
-  const AffineWeights& w;
-  size_t row_bytes;
-  std::vector<uint8_t> last;
-  explicit RowReader(const AffineWeights& w_) : w(w_), row_bytes(size_t(w_.cols) * w_.bits / 8) {
-    last.assign(row_bytes + 16, 0);
-    std::memcpy(last.data(), reinterpret_cast<const uint8_t*>(w.wq) + (w.rows - 1) * row_bytes, row_bytes);
-  }
-  const uint8_t* row(int r) const {
-    return r == w.rows - 1 ? last.data() : reinterpret_cast<const uint8_t*>(w.wq) + size_t(r) * row_bytes;
-  }
-};
 
 using IntDotRows = void (*)(const AffineWeights&, const uint8_t* const*, int, const IntX&, const float*, float*);
 
@@ -458,22 +461,6 @@ void matvec(const AffineWeights& w, const RowReader& rd, const float* x, float* 
     dot1(w, last, r, x, xsum.data(), y + r);
   }
 }
-
-namespace avx2 {
-#define MMT_INT_TARGET __attribute__((target("avx2,fma,f16c")))
-#define MMT_INT_VNNI 0
-#include "int_gemm.inc"
-#undef MMT_INT_TARGET
-#undef MMT_INT_VNNI
-}  // namespace avx2
-
-namespace vnni {
-#define MMT_INT_TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
-#define MMT_INT_VNNI 1
-#include "int_gemm.inc"
-#undef MMT_INT_TARGET
-#undef MMT_INT_VNNI
-}  // namespace vnni
 
 using IntGemm = void (*)(const AffineWeights&, const float*, float*, int, const int16_t*, float);
 
