@@ -173,26 +173,6 @@ struct IntX {
   std::vector<float> scale;
 };
 
-void prepare_int_x(const float* x, int cols, int group, int bits, IntX& q) {
-  const int ng = cols / group;
-  q.v.resize(cols);
-  q.scale.resize(ng);
-  for (int g = 0; g < ng; ++g) {
-    float m = 0.f;
-    for (int j = g * group; j < (g + 1) * group; ++j) m = std::max(m, std::fabs(x[j]));
-    const float s = m > 0.f ? m / 32767.f : 1.f, inv = 1.f / s;
-    q.scale[g] = s;
-    for (int j = g * group; j < (g + 1) * group; ++j) {
-      const int16_t v = int16_t(std::lrintf(x[j] * inv));
-      if (bits == 4) {
-        const int c = j / 32, k = j % 32;  // value k of chunk c: even ones first, then odd ones
-        q.v[size_t(c) * 32 + (k % 2) * 16 + k / 2] = v;
-      } else {  // 2, 3, 5, 6 and 8 bits: natural order, as unpack16_i16 and the byte widening give the codes
-        q.v[j] = v;
-      }
-    }
-  }
-}
 
 // The last row of the matrix is copied into a padded buffer: load8 may read up to 8 bytes from a chunk of
 // `bits` bytes and unpack16_i16 16 bytes from one of 2 * bits bytes, which would run past the end of the array.
@@ -226,6 +206,27 @@ namespace vnni {
 #undef MMT_INT_TARGET
 #undef MMT_INT_VNNI
 }  // namespace vnni
+
+// x rounded once per token to int16 per group (quantize_x_row, shared with the prompt GEMM), in the order the
+// one-token and few-token kernels read it: 4-bit codes meet x's even values of a 32-value chunk, then its odd
+// ones; every other width takes natural order (as unpack16_i16 and the byte widening give the codes).
+void prepare_int_x(const float* x, int cols, int group, int bits, IntX& q) {
+  thread_local std::vector<float> sums;
+  thread_local std::vector<int16_t> natural;
+  q.v.resize(cols);
+  q.scale.resize(cols / group);
+  sums.resize(cols / group);
+  if (bits != 4) {
+    avx2::quantize_x_row(x, cols, group, q.v.data(), q.scale.data(), sums.data());
+    return;
+  }
+  natural.resize(cols);
+  avx2::quantize_x_row(x, cols, group, natural.data(), q.scale.data(), sums.data());
+  for (int j = 0; j < cols; ++j) {
+    const int c = j / 32, k = j % 32;  // value k of chunk c: even ones first, then odd ones
+    q.v[size_t(c) * 32 + (k % 2) * 16 + k / 2] = natural[j];
+  }
+}
 
 __attribute__((target("avx2,fma,f16c"))) void dequant_row_avx2(
     const AffineWeights& w, const uint8_t* row, int r, float* out) {
