@@ -10,6 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from mmt_mlx import native
 from mmt_mlx.errors import ModelFormatError
 from mmt_mlx.models import ARCHITECTURES
 from mmt_mlx.sources import SourceModel
@@ -53,6 +54,7 @@ def model_from_source(src: SourceModel, name: str) -> LoadedModel:
             f"{src.path}: weights do not match the {src.arch} architecture ({e})"
         ) from None
     mx.eval(model.parameters())
+    native.advise_hugepages(model)
     n_params = int(sum(v.size for v in src.weights.values()))
     info = {"format": src.meta.get("format", ""), "source_bytes": src.weight_bytes, "parameters": n_params}
     return LoadedModel(
@@ -93,6 +95,7 @@ def load_fgs(path: Path, name: str) -> LoadedModel:
     except ValueError as e:
         raise ModelFormatError(f"{path}: raw tensors do not match the model ({e})") from None
     mx.eval(model.parameters())
+    native.advise_hugepages(model)
     tokenizer = _fgs_tokenizer(path, manifest["tokenizer"])
     report = manifest.get("report", {})
     info = {"format": "fgs", "stored_bytes": report.get("stored_bytes"), "source_bytes": report.get("source_bytes"),

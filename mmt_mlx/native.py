@@ -125,6 +125,12 @@ def codebook_matmul(
     return y if x.dtype == mx.float32 else y.astype(x.dtype)
 
 
+def fft_rotate(x: mx.array, signs: mx.array, phase: mx.array, inverse: bool = False) -> mx.array:
+    """The rotated codes' FFT rotation of each row of x (``phase``: (n // 2 + 1, 2) re/im), or its inverse, as
+    one native node (kernels/cpu/rotation.cpp); f32."""
+    return _require().fft_rotate(x, signs, phase, inverse)
+
+
 def gemm_min_tokens() -> int:
     """Token count from which native.quant_matmul takes the prompt GEMM (kernels/cpu/affine_gemm.h)."""
     return int(_require().gemm_min_tokens())
@@ -169,6 +175,18 @@ def _require() -> ModuleType:
     if mod is None:
         raise RuntimeError(f"native CPU kernels unavailable: {_reason}")
     return mod
+
+
+def advise_hugepages(model) -> int:
+    """Put the model's large weight buffers on 2 MB pages (Linux; ``MMT_HUGEPAGES=0``: off) when the native
+    kernels serve it; returns the bytes moved now. Decode streams every weight once per token: 4 KB pages cost
+    a TLB miss and a prefetcher stop every 4 KB (kernels/cpu/hugepages.h)."""
+    from mlx.utils import tree_flatten
+
+    if os.environ.get("MMT_HUGEPAGES", "1").strip().lower() in ("0", "off", "false") or not enabled():
+        return 0
+    big = [v for _, v in tree_flatten(model.parameters()) if isinstance(v, mx.array) and v.nbytes >= 1 << 21]
+    return int(_require().advise_hugepages(big))
 
 
 def set_threads(n: int) -> None:

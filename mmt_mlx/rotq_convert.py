@@ -2,10 +2,11 @@
 
 1. Calibration (``rotq_calibrate``): input covariances per distinct layer input, and the KL price per unit
    of output error of each bucket (tensor class x first/middle/last layer; the embedding).
-2. Screening: every tensor's relative output error at 3 bits with GPTQ, on a row sample (rows are independent
-   given H); other widths follow from the Lloyd-Max distortion of N(0, 1) at each width.
-3. Budget: the byte budget is B x parameters / 8 minus what is stored raw; every tensor starts at the fewest
-   bits and the step with the most predicted KL saved per byte is bought until the budget is spent.
+2. Screening: every tensor's relative output error at 3 bits with GPTQ in each candidate group size, on a row
+   sample (rows are independent given H); other widths follow from the Lloyd-Max distortion of N(0, 1) at each
+   width.
+3. Budget: the byte budget is B x parameters / 8 minus what is stored raw; every tensor starts at its cheapest
+   (bits, group) and the step with the most predicted KL saved per byte is bought until the budget is spent.
 4. Encoding: each tensor at its width with GPTQ in the rotated basis; the real errors go in the report.
 5. Optionally (``--distill STEPS``, ``rotq_distill``): the group scales tuned against the dense model's
    next-token distribution on windows of all the shipped calibration text (GPTQ reads 8,192 tokens of it),
@@ -44,7 +45,9 @@ from mmt_mlx.sources import SourceModel
 
 # presets named by what they deliver (bits per stored weight, every byte counted); measured in the README
 BPW_PRESETS = {"rot4": 4.0, "rot3": 3.25, "rot2.5": 2.5}
-GROUP = 64
+GROUP = 64  # every matrix's width must be a multiple of it
+GROUPS = (32, 64)  # group sizes the planner may choose per tensor (128 does not divide 576-wide rows)
+LOG_SCALES = True  # 8-bit log-scale codes instead of f16 scales (gauss_codes): half the scale bytes
 CALIB_TOKENS = 8192
 DISTILL_TOKENS = 1 << 20  # distillation windows: all of the shipped calibration text (~27,000 tokens)
 SCREEN_ROWS = 128
@@ -87,24 +90,35 @@ class _Factors:
         return self.hr[key], self.u[key]
 
 
-def allocate(items: dict[str, dict], budget: int, bits: tuple[int, ...] = CODE_BITS) -> dict[str, int]:
-    """Greedy knapsack: items[name] = {"rows", "cols", "cost": {bits: predicted KL}} -> bits per tensor."""
-    choice = {n: bits[0] for n in items}
-    spent = sum(rotq_nbytes(it["rows"], it["cols"], bits[0], GROUP) for it in items.values())
+Option = tuple[int, int]  # (bits, group size)
+
+
+def allocate(items: dict[str, dict], budget: int, log_scales: bool = LOG_SCALES) -> dict[str, Option]:
+    """Greedy knapsack: items[name] = {"rows", "cols", "cost": {(bits, group): predicted KL}} -> the option
+    chosen per tensor. Each tensor starts at its fewest bytes; a step moves it to whichever option saves the most
+    predicted KL per extra byte."""
+
+    def nbytes(it: dict, o: Option) -> int:
+        return rotq_nbytes(it["rows"], it["cols"], o[0], o[1], log_scales)
+
+    choice = {
+        n: min(it["cost"], key=lambda o, it=it: (nbytes(it, o), it["cost"][o])) for n, it in items.items()
+    }
+    spent = sum(nbytes(items[n], o) for n, o in choice.items())
     if spent > budget:
         raise MmtError(
-            f"the budget ({budget / 1e6:.2f} MB for codes) is below the {bits[0]}-bit floor ({spent / 1e6:.2f} MB)"
+            f"the budget ({budget / 1e6:.2f} MB for codes) is below the fewest bits' floor ({spent / 1e6:.2f} MB)"
         )
 
     def step(n: str):
-        b = choice[n]
-        if b == bits[-1]:
-            return None
-        nb = bits[bits.index(b) + 1]
-        it = items[n]
-        extra = rotq_nbytes(it["rows"], it["cols"], nb, GROUP) - rotq_nbytes(it["rows"], it["cols"], b, GROUP)
-        gain = it["cost"][b] - it["cost"][nb]
-        return (-gain / extra, n, nb, extra)
+        it, cur = items[n], choice[n]
+        base, c0 = nbytes(it, cur), it["cost"][cur]
+        best = None
+        for o, c in it["cost"].items():
+            extra, gain = nbytes(it, o) - base, c0 - c
+            if extra > 0 and gain > 0 and (best is None or gain / extra > best[0]):
+                best = (gain / extra, o, extra)
+        return None if best is None else (-best[0], n, best[1], best[2])
 
     heap = [s for s in (step(n) for n in items) if s is not None]
     heapq.heapify(heap)
@@ -130,8 +144,11 @@ def encode_bpw(
     embed_gptq: bool = True,
     preset: str | None = None,
     distill_steps: int = 0,
+    groups: tuple[int, ...] = GROUPS,
+    log_scales: bool = LOG_SCALES,
 ) -> dict:
-    """Encode every 2-D weight as a rotq level so the stored model has <= ``bpw`` bits per weight."""
+    """Encode every 2-D weight as a rotq level so the stored model has <= ``bpw`` bits per weight
+    (``groups``: the group sizes the planner may choose; ``log_scales``: 8-bit log-scale codes, else f16)."""
     from tqdm import tqdm
 
     from mmt_mlx.build import model_from_source
@@ -159,7 +176,7 @@ def encode_bpw(
     seeds = {n: seed_of(keys.get(n, n)) for n in matrices}
     coarse, rtn_err = {}, {}
     for n, w in matrices.items():  # coarse codes without error feedback: the probe of each bucket's price
-        c = decode_rotq(encode_rotq(w, SCREEN_BITS, GROUP, seeds[n], None))
+        c = decode_rotq(encode_rotq(w, SCREEN_BITS, GROUP, seeds[n], None, log_scales=log_scales))
         _, h = _tensor_cov(n, keys, covs)
         rtn_err[n] = output_error(w, c, h)
         coarse[n] = c
@@ -168,7 +185,8 @@ def encode_bpw(
     del coarse, lm
     t_cal = time.perf_counter() - t0
 
-    # 2. screening: GPTQ error at SCREEN_BITS on a row sample, other widths by the Gaussian distortion ratio
+    # 2. screening: GPTQ error at SCREEN_BITS per group size on a row sample, other widths by the Gaussian
+    # distortion ratio
     fac = _Factors(covs, damp)
     dist = {b: gaussian_distortion(b) for b in CODE_BITS}
     items: dict[str, dict] = {}
@@ -178,13 +196,17 @@ def encode_bpw(
         hr, u = fac.get(key, seeds[n]) if use_h else (None, None)
         idx = _sample_rows(w.shape[0], SCREEN_ROWS)
         ws = w[idx]
-        code = encode_rotq(ws, SCREEN_BITS, GROUP, seeds[n], hr, rotated_h=True, factor=u)
-        e3 = output_error(ws, decode_rotq(code), h)
         b = bucket_of(n, n_layers)
         price = kl[b] / max(sum(rtn_err[m] for m in buckets[b]), 1e-30)  # KL per unit of output error
-        cost = {bb: price * e3 * dist[bb] / dist[SCREEN_BITS] for bb in CODE_BITS}
+        cost = {}
+        for g in groups:
+            code = encode_rotq(
+                ws, SCREEN_BITS, g, seeds[n], hr, rotated_h=True, factor=u, log_scales=log_scales
+            )
+            e3 = output_error(ws, decode_rotq(code), h)
+            cost.update({(bb, g): price * e3 * dist[bb] / dist[SCREEN_BITS] for bb in CODE_BITS})
         items[n] = {"rows": w.shape[0], "cols": w.shape[1], "cost": cost, "use_h": use_h, "key": key}
-    choice = allocate(items, budget)
+    choice = allocate(items, budget, log_scales)
     t_screen = time.perf_counter() - t0
 
     # 3. encoding
@@ -193,11 +215,12 @@ def encode_bpw(
     for n, w in bar:
         it = items[n]
         hr, u = fac.get(it["key"], seeds[n]) if it["use_h"] else (None, None)
-        code = encode_rotq(w, choice[n], GROUP, seeds[n], hr, rotated_h=True, factor=u)
+        bits, g = choice[n]
+        code = encode_rotq(w, bits, g, seeds[n], hr, rotated_h=True, factor=u, log_scales=log_scales)
         _, h = _tensor_cov(n, keys, covs)
         err = output_error(w, decode_rotq(code), h)
         codes[n] = TensorCode(tuple(w.shape), [code], [err], None)
-        it["err"], it["bits"] = err, choice[n]
+        it["err"], it["bits"] = err, bits
     t_enc = time.perf_counter() - t0
     distilled = None
     if distill_steps > 0:  # 5. optional: the group scales tuned against the dense model's distribution
@@ -236,7 +259,7 @@ def rotq_report(src, codes, raw, items, kl, bpw, preset, seconds, calib_seconds,
         c["bytes"] += rotq_code_nbytes(lv)
         c["levels"][key] = c["levels"].get(key, 0) + 1
         c["errors"].append(tc.errors[0])
-        c["predicted_kl"] += items[name]["cost"][lv.bits]
+        c["predicted_kl"] += items[name]["cost"][(lv.bits, lv.group_size)]
     for c in classes.values():
         c["bits_per_weight"] = 8 * c["bytes"] / c["params"]
         c["r2"] = {"rotq": float(1 - np.mean(c["errors"]))}  # share of the output energy kept

@@ -5,7 +5,7 @@ the model's next-token distribution loses is only measured at the end. Here the 
 each group scale gets a trainable gain, s = s0 (1 + a), a = 0 at the start. The gains are fitted by Adam to
 minimise KL(dense || coded) of the next-token distributions on the calibration chunks, through the whole
 network at once. This is the idea of mlx-lm's DWQ, applied to rotated Gaussian codes. The file format does
-not change: the tuned scales are stored as f16 like the old ones.
+not change: the tuned scales are stored as the old ones were (f16, or log-scale codes under each row's tuned top).
 
 The student decodes each weight once as unit codes, codebook[q], in f32. It applies the scales per step and
 rotates each layer's input like the runtime (``rotq_layer``). The teacher is the dense source model,
@@ -24,26 +24,43 @@ import numpy as np
 from mlx.utils import tree_unflatten
 
 from mmt_mlx import native
-from mmt_mlx.fgs.codes import RotQCode, TensorCode
+from mmt_mlx.fgs.codes import LOG_SCALE_STEPS, RotQCode, TensorCode
+from mmt_mlx.fgs.encoders.gauss_codes import log_scale_codes
 from mmt_mlx.fgs.encoders.quant import unpack_bits
 from mmt_mlx.fgs.runtime.rotq_layer import Rotation
 
 
 class _StudentCode(nn.Module):
-    """W = (codebook[q] * s0 (1 + gain)) R, with only ``gain`` (rows, groups) trainable."""
+    """W = (codebook[q] * s) R with s = s0 (1 + gain), ``gain`` (rows, groups) trainable.
+
+    With log-scale codes (``RotQCode.row_scale``) the forward pass uses s rounded onto its row's grid, t 2^(-k/64)
+    with k = round(-64 log2(s / t)), and t = top (1 + row_gain) trainable too: the rounding is in the loop (its
+    gradient passed straight through to the gains), so what is trained is what is stored; a row's common shift
+    moves its f16 top exactly."""
 
     def __init__(self, code: RotQCode) -> None:
         super().__init__()
         q = unpack_bits(code.wq, code.bits, code.cols)
         self.unit = mx.array(np.asarray(code.codebook, np.float32)[q])  # (rows, cols)
-        self.s0 = mx.array(np.asarray(code.scales, np.float32))
+        self.s0 = mx.array(code.group_scales())
         self.gain = mx.zeros(self.s0.shape, mx.float32)
+        self.top = None if code.row_scale is None else mx.array(code.row_scale.astype(np.float32))[:, None]
+        if self.top is not None:
+            self.row_gain = mx.zeros((code.rows, 1), mx.float32)
         self.group = code.group_size
         self.rotation = Rotation(code.cols, code.seed)
 
+    def scales(self) -> mx.array:
+        s = self.s0 * (1.0 + self.gain)
+        if self.top is None:
+            return s
+        t = self.top * (1.0 + self.row_gain)
+        k = mx.stop_gradient(mx.clip(mx.round(-LOG_SCALE_STEPS * mx.log2(s / t)), 0, 255))
+        return t * mx.power(2.0, -k / LOG_SCALE_STEPS) + (s - mx.stop_gradient(s))
+
     def rotated_weight(self, rows: mx.array | None = None) -> mx.array:
         unit = self.unit if rows is None else mx.take(self.unit, rows, axis=0)
-        s = self.s0 * (1.0 + self.gain)
+        s = self.scales()
         s = s if rows is None else mx.take(s, rows, axis=0)
         n, c = unit.shape
         return (unit.reshape(n, -1, self.group) * s[:, :, None]).reshape(n, c)
@@ -54,8 +71,13 @@ class _StudentCode(nn.Module):
         f = mx.fft.rfft(x.astype(mx.float32) * r.signs, axis=-1)
         return mx.fft.irfft(f * r.phase, n=r.n, axis=-1)
 
-    def tuned_scales(self) -> np.ndarray:
-        return np.asarray((self.s0 * (1.0 + self.gain)).astype(mx.float16))
+    def tuned_scales(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The tuned scales as stored: (f16 scales, None), or (log-scale codes, their rows' f16 tops)."""
+        s = self.s0 * (1.0 + self.gain)
+        if self.top is None:
+            return np.asarray(s.astype(mx.float16)), None
+        top = np.asarray(self.top * (1.0 + self.row_gain))[:, 0].astype(np.float16)
+        return log_scale_codes(np.asarray(s), top), top
 
 
 class _StudentLinear(nn.Module):
@@ -135,7 +157,7 @@ def distill_scales(
     tuned = _students(student, codes)
     student.freeze()
     for c in tuned.values():
-        c.unfreeze(keys=["gain"])
+        c.unfreeze(keys=["gain", "row_gain"])
     windows = [part[a : a + seq + 1] for part in chunks for a in range(0, len(part) - 1, seq)]
     windows = [w for w in windows if len(w) > 8]
     order = np.random.default_rng(0).permutation(len(windows))
@@ -179,7 +201,9 @@ def distill_scales(
     kl_after = score()
     for name, c in tuned.items():
         lv = codes[name].levels[0]
-        lv.scales = c.tuned_scales()
+        lv.scales, top = c.tuned_scales()
+        if top is not None:
+            lv.row_scale = top
     return {
         "steps": steps, "lr": lr, "lr_decay": "cosine" if decay else "none", "seq": seq,
         "windows": len(windows), "tokens": sum(len(w) - 1 for w in windows), "tensors": len(tuned),

@@ -81,12 +81,21 @@ def test_not_an_fgs_manifest(fgs_dir, copy):
         load_model(str(copy))
 
 
+def test_version_1_files_still_load(fgs_dir, copy):
+    """Version 2 only added the rotq level's log-scale codes: a version-1 file (f16 scales) loads as before."""
+    m = _manifest(fgs_dir)
+    assert m["format_version"] == fgs_format.FORMAT_VERSION == 2
+    m["format_version"] = 1
+    _write(copy, m)
+    assert load_model(str(copy)).model is not None
+
+
 @pytest.mark.parametrize("version", [fgs_format.FORMAT_VERSION + 1, 0, None, "1"])
 def test_wrong_format_version(fgs_dir, copy, version, capsys):
     m = _manifest(fgs_dir)
     m["format_version"] = version
     _write(copy, m)
-    with pytest.raises(ModelFormatError, match=f"format version {version} \\(this mmt reads 1\\)"):
+    with pytest.raises(ModelFormatError, match=f"format version {version!r} \\(this mmt reads 1, 2\\)"):
         load_model(str(copy))
     assert main(["bench", "-m", str(copy), "-p", "1", "-g", "1", "-r", "1"]) == 1
     assert "format version" in capsys.readouterr().err

@@ -244,8 +244,8 @@ def test_codebook_product_against_float64_and_alone_vs_batched(bits: int, monkey
 
 @needs_native
 def test_rotq_layer_runs_native_and_matches_the_mlx_path(monkeypatch):
-    """An FGS linear layer of rotq codes runs the native node (rotation in MLX ops, one product node) and agrees
-    with the MLX reference path within the integer rounding."""
+    """An FGS linear layer of rotq codes runs the native nodes (the rotation, the product) and agrees with the
+    MLX reference path within the integer rounding."""
     from mmt_mlx.fgs.encoders.gauss_codes import encode_rotq
 
     if not native.codebook_enabled(64):
@@ -255,12 +255,66 @@ def test_rotq_layer_runs_native_and_matches_the_mlx_path(monkeypatch):
     lin = FGSLinear(TensorCode((70, 128), [code]))
     x = mx.array(rng.standard_normal((1, 9, 128)).astype(np.float32))
     y = lin(x)
-    assert "CodebookMatmul" in _node_names(y)
+    assert "CodebookMatmul" in _node_names(y) and "FftRotate" in _node_names(y)
     with monkeypatch.context() as m:
         m.setenv("MMT_NATIVE", "0")
         ref = lin(x)
-        assert "CodebookMatmul" not in _node_names(ref)
+        assert "CodebookMatmul" not in _node_names(ref) and "FftRotate" not in _node_names(ref)
     np.testing.assert_allclose(np.array(y), np.array(ref), rtol=2e-3, atol=2e-3 * np.abs(np.array(ref)).max())
+
+
+@needs_native
+@pytest.mark.parametrize("n", [1, 2, 7, 64, 576, 577, 640, 1536])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fft_rotation_against_float64_and_alone_vs_batched(n: int, threads: int):
+    """The native rotation (and its inverse) of every row equals the float64 rotation of rotation.py to float
+    rounding at any width, even or odd; a row rotated alone gets the same bits as in a batch, on 1 or 2 threads."""
+    from mmt_mlx.fgs.encoders.rotation import rotate, rotation_params, unrotate
+    from mmt_mlx.fgs.runtime.rotq_layer import Rotation
+
+    r = Rotation(n, 11)
+    signs, _ = rotation_params(n, 11)
+    assert np.array_equal(np.array(r.signs), signs.astype(np.float32))
+    x = np.random.default_rng(n).standard_normal((37, n)).astype(np.float32)
+    native.set_threads(threads)
+    try:
+        y = np.array(native.fft_rotate(mx.array(x), r.signs, r.phase_re_im))
+        back = np.array(native.fft_rotate(mx.array(x), r.signs, r.phase_re_im, inverse=True))
+        alone = np.array(native.fft_rotate(mx.array(x[5:6]), r.signs, r.phase_re_im))
+    finally:
+        native.set_threads(0)
+    scale = np.abs(x).max()
+    np.testing.assert_allclose(
+        y, rotate(x.astype(np.float64), 11), atol=2e-6 * scale * np.sqrt(np.log2(n + 1))
+    )
+    np.testing.assert_allclose(
+        back, unrotate(x.astype(np.float64), 11), atol=2e-6 * scale * np.sqrt(np.log2(n + 1))
+    )
+    np.testing.assert_array_equal(alone[0], y[5])
+    with pytest.raises(ValueError, match="signs must be"):
+        native.fft_rotate(mx.array(x), r.signs[:-1], r.phase_re_im)
+
+
+@needs_native
+def test_weights_move_to_huge_pages_unchanged(monkeypatch):
+    """Large weight buffers are collapsed onto 2 MB pages at load (Linux THP), values untouched; small ones and
+    MMT_HUGEPAGES=0 are left alone."""
+    import mlx.nn as nn
+
+    thp = "/sys/kernel/mm/transparent_hugepage/enabled"
+    if not sys.platform.startswith("linux") or not os.path.exists(thp) or "[never]" in open(thp).read():
+        pytest.skip("no transparent huge pages on this system")
+    m = nn.Module()
+    m.big = mx.array(np.random.default_rng(0).standard_normal((1 << 21) + 5).astype(np.float32))  # ~8 MB
+    m.small = mx.array(np.ones(1000, np.float32))
+    mx.eval(m.parameters())
+    before = np.array(m.big)
+    with monkeypatch.context() as ctx:
+        ctx.setenv("MMT_HUGEPAGES", "0")
+        assert native.advise_hugepages(m) == 0
+    moved = native.advise_hugepages(m)
+    assert moved % (1 << 21) == 0 and (1 << 21) * 2 <= moved <= m.big.nbytes
+    np.testing.assert_array_equal(np.array(m.big), before)
 
 
 def _node_names(out: mx.array) -> str:

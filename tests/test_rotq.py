@@ -4,6 +4,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mmt_mlx.errors import MmtError
 from mmt_mlx.fgs import format as fgs_format
 from mmt_mlx.fgs.codes import TensorCode
 from mmt_mlx.fgs.encoders.gauss_codes import (
@@ -150,15 +151,70 @@ def test_file_round_trip(tmp_path):
 
 
 def test_allocate_spends_budget_where_it_buys_most():
+    def cost(c2):
+        return {(b, 64): c2 * r for b, r in zip((2, 3, 4, 5), (1.0, 0.3, 0.08, 0.02))}
+
     items = {
-        "cheap": {"rows": 64, "cols": 128, "cost": {2: 1.0, 3: 0.3, 4: 0.08, 5: 0.02}},
-        "costly": {"rows": 64, "cols": 128, "cost": {2: 10.0, 3: 3.0, 4: 0.8, 5: 0.2}},
+        "cheap": {"rows": 64, "cols": 128, "cost": cost(1.0)},
+        "costly": {"rows": 64, "cols": 128, "cost": cost(10.0)},
     }
-    floor = 2 * rotq_nbytes(64, 128, 2, 64)
-    step = rotq_nbytes(64, 128, 3, 64) - rotq_nbytes(64, 128, 2, 64)
+    floor = 2 * rotq_nbytes(64, 128, 2, 64, True)
+    step = rotq_nbytes(64, 128, 3, 64, True) - rotq_nbytes(64, 128, 2, 64, True)
     got = allocate(items, floor + 2 * step + 64)
-    assert got == {"cheap": 2, "costly": 4}
-    assert sum(rotq_nbytes(64, 128, b, 64) for b in got.values()) <= floor + 2 * step + 64
+    assert got == {"cheap": (2, 64), "costly": (4, 64)}
+    assert sum(rotq_nbytes(64, 128, b, g, True) for b, g in got.values()) <= floor + 2 * step + 64
+
+
+def test_allocate_buys_a_smaller_group_when_it_saves_more_per_byte():
+    """Per tensor the options are (bits, group): halving the group costs 8 bits per 32 weights (log scales),
+    a code bit 32; the planner takes whichever saves more predicted KL per byte."""
+    base = {(2, 64): 1.0, (3, 64): 0.3, (4, 64): 0.08}
+    items = {
+        "groupy": {"rows": 64, "cols": 128, "cost": base | {(2, 32): 0.5, (3, 32): 0.15, (4, 32): 0.04}},
+        "plain": {"rows": 64, "cols": 128, "cost": base | {(2, 32): 0.99, (3, 32): 0.29, (4, 32): 0.079}},
+    }
+    floor = 2 * rotq_nbytes(64, 128, 2, 64, True)
+    half = rotq_nbytes(64, 128, 2, 32, True) - rotq_nbytes(64, 128, 2, 64, True)
+    got = allocate(items, floor + half)
+    assert got == {"groupy": (2, 32), "plain": (2, 64)}
+    with pytest.raises(MmtError, match="floor"):
+        allocate(items, floor - 1)
+
+
+def test_log_scale_codes_cost_half_and_lose_nothing_measurable(tmp_path):
+    """8-bit log-scale codes under a per-row f16 top: the stored bytes are what rotq_nbytes says, the scales
+    are within half a grid step (0.55%) of the f16 ones, the output error within 2% of the f16 code's, and the
+    file keeps them exactly."""
+    rng = np.random.default_rng(3)
+    mix = rng.standard_normal((128, 128)) * 0.3 + np.eye(128)
+    x = rng.standard_normal((2000, 128)) @ mix
+    h = x.T @ x / len(x)
+    w = rng.standard_normal((96, 128)).astype(np.float32)
+    f16 = encode_rotq(w, 4, 32, 7, h)
+    log = encode_rotq(w, 4, 32, 7, h, log_scales=True)
+    assert log.scales.dtype == np.uint8 and log.row_scale.dtype == np.float16 and log.row_scale.shape == (96,)
+    assert rotq_code_nbytes(log) == rotq_nbytes(96, 128, 4, 32, True) < rotq_code_nbytes(f16)
+    assert rotq_code_nbytes(f16) == rotq_nbytes(96, 128, 4, 32)
+    s = log.group_scales()
+    assert s.dtype == np.float32 and s.shape == (96, 4)
+    assert (
+        1 < len(np.unique(log.scales)) and log.scales.min() > 0 and log.scales.max() < 255
+    )  # inside the grid
+    np.testing.assert_allclose(
+        s, log.row_scale.astype(np.float32)[:, None] * 2.0 ** (-log.scales.astype(np.float64) / 64), rtol=1e-6
+    )
+    e16 = output_error(w, decode_rotq(f16), h)
+    elog = output_error(w, decode_rotq(log), h)
+    assert elog < 1.02 * e16, (elog, e16)
+    out = fgs_format.save_fgs_model(
+        tmp_path / "m", arch="llama", config={}, raw={}, tokenizer={}, tokenizer_files={},
+        codes={"w": TensorCode((96, 128), [log], [elog])}, report={},
+    )  # fmt: skip
+    _, codes, _ = fgs_format.load_fgs_model(out)
+    got = codes["w"].levels[0]
+    np.testing.assert_array_equal(got.scales, log.scales)
+    np.testing.assert_array_equal(got.row_scale, log.row_scale)
+    np.testing.assert_array_equal(decode_rotq(got), decode_rotq(log))
 
 
 def test_convert_bpw_end_to_end(tiny_gguf, tmp_path):
@@ -226,7 +282,7 @@ def test_scale_refit_lowers_the_weighted_error():
 
 def test_distilled_scales_lower_the_kl_and_keep_the_format(tiny_gguf, tmp_path, monkeypatch):
     """The student (codes fixed, group gains trained) starts as the stored model; distillation lowers its KL
-    from the dense model on the training windows and writes f16 scales the runtime loads."""
+    from the dense model on the training windows and writes scales the runtime loads."""
     from mmt_mlx.build import load_fgs, model_from_source
     from mmt_mlx.convert import convert_bpw
     from mmt_mlx.locate import load_source
@@ -254,7 +310,10 @@ def test_distilled_scales_lower_the_kl_and_keep_the_format(tiny_gguf, tmp_path, 
     info = distill_scales(lambda: model_from_source(src, "d").model, codes, chunks, 24, lr=3e-3, seq=64,
                           progress=False)  # fmt: skip
     assert info["kl_after"] < 0.9 * info["kl_before"], info
-    assert all(tc.levels[0].scales.dtype == np.float16 for tc in codes.values())
+    # the tuned scales are stored as the planner's were: log-scale codes under the same row tops
+    assert all(
+        tc.levels[0].scales.dtype == np.uint8 and tc.levels[0].row_scale is not None for tc in codes.values()
+    )
     assert any(not np.array_equal(before[k], tc.levels[0].scales) for k, tc in codes.items())
     # through convert: the report says what distillation did, the file loads and runs
     d = tmp_path / "distilled"

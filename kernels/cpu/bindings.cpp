@@ -14,7 +14,9 @@
 #include "attention.h"
 #include "decode_layer.h"
 #include "gaussian_level.h"
+#include "hugepages.h"
 #include "norm_rope.h"
+#include "rotation.h"
 #include "mlx/version.h"
 
 namespace nb = nanobind;
@@ -34,6 +36,9 @@ NB_MODULE(_native, m) {
   m.def("affine_dequantize", &mmt::affine_dequantize_op, "wq"_a, "scales"_a, "biases"_a, "group_size"_a,
         "bits"_a, nb::kw_only(), "stream"_a = nb::none(),
         "W (rows, cols) as f32 from MLX's affine layout, by the native CPU kernel (a long prompt's GEMM tile).");
+  m.def("fft_rotate", &mmt::fft_rotate_op, "x"_a, "signs"_a, "phase"_a, "inverse"_a = false, nb::kw_only(),
+        "stream"_a = nb::none(),
+        "The seeded FFT rotation irfft(rfft(signs x) phase) of each row of x, or its inverse (f32).");
   m.def("rms_norm", &mmt::rms_norm_op, "x"_a, "w"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none(),
         "x * rsqrt(mean(x^2, -1) + eps) * w in one CPU primitive (f32).");
   m.def("rope", &mmt::rope_op, "x"_a, "offset"_a, "dims"_a, "base"_a, "scale"_a, nb::kw_only(),
@@ -72,6 +77,8 @@ NB_MODULE(_native, m) {
         "[products, attention, rest] ms and the layer count since the last call; resets them.");
   m.def("gemm_min_tokens", [] { return mmt::kGemmMinTokens; },
         "Token count from which affine_matmul decodes W into the f32 GEMM instead of the integer kernels.");
+  m.def("advise_hugepages", &mmt::advise_hugepages, "arrays"_a,
+        "Back the arrays' buffers with 2 MB pages (Linux); returns the bytes collapsed now.");
   m.def("set_num_threads", &mmt::set_num_threads, "n"_a, "Threads for the kernels (<= 0: default).");
   m.def("num_threads", &mmt::num_threads);
   m.def("isa", &mmt::isa, "Code path chosen for this CPU: 'avx2+fma+avx512vnni', 'avx2+fma' or 'scalar'.");

@@ -34,6 +34,8 @@ QuantCode (overflow level, MLX affine layout so mx.quantized_matmul can run it)
 RotQCode (Gaussian codes in an FFT-rotated basis; ``encoders/gauss_codes.py``, ``encoders/rotation.py``)
     Wr[i, j] = codebook[q[i, j]] * scales[i, j // g], W = Wr R with R the seeded orthogonal FFT rotation
     R x = irfft(rfft(signs * x) * phase); product: y = Wr (R x). q packed as a little-endian bit stream.
+    Group scales either f16 (``row_scale`` None), or log-scale codes: ``scales`` uint8 k and one f16
+    ``row_scale`` r per row, scale = r * 2**(-k / LOG_SCALE_STEPS) in f32 (8 bits per group instead of 16).
 """
 
 from __future__ import annotations
@@ -94,8 +96,25 @@ class RotQCode:
     seed: int
     codebook: np.ndarray  # (2**bits,) float32, sorted
     wq: np.ndarray  # (rows, cols * bits / 32) uint32 packed code indices
-    scales: np.ndarray  # (rows, cols // group_size) float16
+    scales: np.ndarray  # (rows, cols // group_size) float16, or uint8 log-scale codes with row_scale
+    row_scale: np.ndarray | None = None  # (rows,) float16: the top of each row's log-scale grid
     kind: str = "rotq"
+
+    def group_scales(self, rows: slice | None = None) -> np.ndarray:
+        """The group scales (rows, cols // group_size) as float32, whichever way they are stored."""
+        sl = rows if rows is not None else slice(0, self.rows)
+        if self.row_scale is None:
+            return np.asarray(self.scales[sl], np.float32)
+        return log_scale_values(self.scales[sl], self.row_scale[sl])
+
+
+LOG_SCALE_STEPS = 64  # log-scale codes per octave: 1.1% steps over the 4 octaves below the row's top
+
+
+def log_scale_values(k: np.ndarray, row_scale: np.ndarray) -> np.ndarray:
+    """float32 r * 2**(-k / LOG_SCALE_STEPS) for uint8 codes k (rows, groups) and f16 r (rows,)."""
+    table = np.exp2(-np.arange(256, dtype=np.float64) / LOG_SCALE_STEPS).astype(np.float32)
+    return np.asarray(row_scale, np.float32)[:, None] * table[np.asarray(k, np.uint8)]
 
 
 Level = GaussianCode | CirculantCode | QuantCode | RotQCode

@@ -28,7 +28,8 @@ from mmt_mlx.errors import ModelFormatError
 from mmt_mlx.fgs.codes import CirculantCode, GaussianCode, Level, MetaCode, QuantCode, RotQCode, TensorCode
 
 FORMAT = "mmt-fgs"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what is written; 2 added the rotq level's log-scale codes (``row_scale``)
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 CODES = "codes.safetensors"
 
@@ -36,7 +37,7 @@ _FIELDS = {
     "gaussian": ("mu", "sidx", "perm"),
     "circulant": ("spec_re", "spec_im"),
     "quant": ("wq", "scales", "biases"),
-    "rotq": ("codebook", "wq", "scales"),
+    "rotq": ("codebook", "wq", "scales", "row_scale"),
 }
 _PARAMS = {
     "gaussian": ("rows", "cols", "sigma_grid"),
@@ -146,7 +147,8 @@ def _level(arrays, e: dict, where: str) -> Level:
     if kind == "quant":
         return QuantCode(**params, wq=got["wq"], scales=got["scales"], biases=got["biases"])
     if kind == "rotq":
-        return RotQCode(**params, codebook=got["codebook"], wq=got["wq"], scales=got["scales"])
+        return RotQCode(**params, codebook=got["codebook"], wq=got["wq"], scales=got["scales"],
+                        row_scale=got.get("row_scale"))  # fmt: skip
     if kind == "circulant":
         return CirculantCode(**params, spec_re=got["spec_re"], spec_im=got["spec_im"])
     if "amp_meta" in e:
@@ -167,9 +169,10 @@ def read_manifest(path: str | os.PathLike) -> dict:
         raise ModelFormatError(f"{file}: unreadable manifest ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ModelFormatError(f"{file}: not an FGS model manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    version = manifest.get("format_version")
+    if type(version) is not int or version not in READABLE_VERSIONS:
         raise ModelFormatError(
-            f"{file}: format version {manifest.get('format_version')} (this mmt reads {FORMAT_VERSION})"
+            f"{file}: format version {version!r} (this mmt reads {', '.join(map(str, READABLE_VERSIONS))})"
         )
     for key, kind in (("arch", str), ("config", dict), ("tokenizer", dict), ("tensors", dict), ("raw", dict)):
         if not isinstance(manifest.get(key), kind):

@@ -1,5 +1,6 @@
-"""The "rotq" level: y = Wr (R x), Wr from Gaussian codes. On a CPU with the native integer kernels the product is
-one node (``native.codebook_matmul``); elsewhere the MLX reference path below decodes Wr tile by tile.
+"""The "rotq" level: y = Wr (R x), Wr from Gaussian codes. On a CPU with the native kernels the rotation and the
+product are one node each (``native.fft_rotate``, ``native.codebook_matmul``); elsewhere the MLX reference path
+below rotates with mx.fft and decodes Wr tile by tile.
 
 R is the seeded FFT rotation of ``rotation.py`` (one rfft/irfft pair per input); consecutive levels that
 receive the same input array with the same seed (q/k/v, gate/up) reuse one rotated copy. The codes are
@@ -22,18 +23,19 @@ _TILE_ELEMS = 1 << 20  # decoded weights held at once per product
 
 
 class _RotationMemo:
-    """The last rotated input: levels fed the same array object with the same seed share one FFT pair."""
+    """The last rotated input: levels fed the same array object with the same seed (on the same path, native
+    or MLX ops) share one FFT pair."""
 
     def __init__(self) -> None:
         self.x: mx.array | None = None
-        self.seed = -1
+        self.key: tuple[int, bool] = (-1, False)
         self.xr: mx.array | None = None
 
-    def get(self, x: mx.array, seed: int) -> mx.array | None:
-        return self.xr if (self.x is x and self.seed == seed) else None
+    def get(self, x: mx.array, key: tuple[int, bool]) -> mx.array | None:
+        return self.xr if (self.x is x and self.key == key) else None
 
-    def put(self, x: mx.array, seed: int, xr: mx.array) -> None:
-        self.x, self.seed, self.xr = x, seed, xr
+    def put(self, x: mx.array, key: tuple[int, bool], xr: mx.array) -> None:
+        self.x, self.key, self.xr = x, key, xr
 
 
 _MEMO = _RotationMemo()
@@ -48,17 +50,26 @@ class Rotation:
         self.signs = mx.array(np.asarray(signs, np.float32))
         self.phase = mx.array(np.asarray(phase, np.complex64))
         self.phase_conj = mx.array(np.conj(phase).astype(np.complex64))
+        self.phase_re_im = mx.array(
+            np.stack([phase.real, phase.imag], -1).astype(np.float32)
+        )  # native kernel's
 
     def forward(self, x: mx.array) -> mx.array:
-        hit = _MEMO.get(x, self.seed)
+        key = (self.seed, native.enabled())
+        hit = _MEMO.get(x, key)
         if hit is not None:
             return hit
-        f = mx.fft.rfft(x.astype(mx.float32) * self.signs, axis=-1)
-        xr = mx.fft.irfft(f * self.phase, n=self.n, axis=-1)
-        _MEMO.put(x, self.seed, xr)
+        if key[1]:  # one node instead of ~6 (kernels/cpu/rotation.cpp)
+            xr = native.fft_rotate(x, self.signs, self.phase_re_im)
+        else:
+            f = mx.fft.rfft(x.astype(mx.float32) * self.signs, axis=-1)
+            xr = mx.fft.irfft(f * self.phase, n=self.n, axis=-1)
+        _MEMO.put(x, key, xr)
         return xr
 
     def inverse(self, y: mx.array) -> mx.array:
+        if native.enabled():
+            return native.fft_rotate(y, self.signs, self.phase_re_im, inverse=True)
         f = mx.fft.rfft(y.astype(mx.float32), axis=-1)
         return mx.fft.irfft(f * self.phase_conj, n=self.n, axis=-1) * self.signs
 
@@ -72,7 +83,7 @@ class RotQLevel(nn.Module):
         self.rotation = Rotation(code.cols, code.seed)
         self.codebook = mx.array(np.asarray(code.codebook, np.float32))
         self.wq = mx.array(np.asarray(code.wq, np.uint32))
-        self.scales = mx.array(np.asarray(code.scales).astype(np.float32))  # f32: faster on CPU
+        self.scales = mx.array(code.group_scales())  # f32 (from f16 or log-scale codes): faster on CPU
         ng = code.cols // code.group_size
         self._unit = mx.ones((1, ng), mx.float32)
         self._zero = mx.zeros((1, ng), mx.float32)
