@@ -111,10 +111,12 @@ class RotQCode:
 LOG_SCALE_STEPS = 64  # log-scale codes per octave: 1.1% steps over the 4 octaves below the row's top
 
 
+_LOG_SCALE_TABLE = np.exp2(-np.arange(256, dtype=np.float64) / LOG_SCALE_STEPS).astype(np.float32)
+
+
 def log_scale_values(k: np.ndarray, row_scale: np.ndarray) -> np.ndarray:
     """float32 r * 2**(-k / LOG_SCALE_STEPS) for uint8 codes k (rows, groups) and f16 r (rows,)."""
-    table = np.exp2(-np.arange(256, dtype=np.float64) / LOG_SCALE_STEPS).astype(np.float32)
-    return np.asarray(row_scale, np.float32)[:, None] * table[np.asarray(k, np.uint8)]
+    return np.asarray(row_scale, np.float32)[:, None] * _LOG_SCALE_TABLE[np.asarray(k, np.uint8)]
 
 
 Level = GaussianCode | CirculantCode | QuantCode | RotQCode

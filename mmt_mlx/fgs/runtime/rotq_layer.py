@@ -50,9 +50,8 @@ class Rotation:
         self.signs = mx.array(np.asarray(signs, np.float32))
         self.phase = mx.array(np.asarray(phase, np.complex64))
         self.phase_conj = mx.array(np.conj(phase).astype(np.complex64))
-        self.phase_re_im = mx.array(
-            np.stack([phase.real, phase.imag], -1).astype(np.float32)
-        )  # native kernel's
+        # the native kernel's form of the same factors: (n // 2 + 1, 2) real and imaginary parts
+        self.phase_re_im = mx.array(np.stack([phase.real, phase.imag], -1).astype(np.float32))
 
     def forward(self, x: mx.array) -> mx.array:
         key = (self.seed, native.enabled())
