@@ -8,6 +8,7 @@
 //                                                  is 2 MB (cache-resident), 30 stream 60 MB per pass
 //   /tmp/matvec_bandwidth matrix ROWS COLS BITS GROUP
 //                                                  one matrix, e.g. Gemma's head: matrix 262144 640 5 32
+//   /tmp/matvec_bandwidth gemma BITS GROUP         Gemma 3 270M's 18 layers of products at one width and group
 //   /tmp/matvec_bandwidth read                     a plain 256 MB read with AVX2 loads: the memory's own speed
 //
 // MMT_PREFETCH=0 in the environment turns the kernels' software prefetch off (int_kernels.inc).
@@ -117,13 +118,16 @@ int main(int argc, char** argv) {
     time_passes(ms, 20, what);
     return 0;
   }
-  const int layers = argc > 1 ? std::atoi(argv[1]) : 30;
-  const int shapes[7][2] = {{576, 576}, {192, 576}, {192, 576}, {576, 576}, {1536, 576}, {1536, 576}, {576, 1536}};
+  const bool gemma = argc > 3 && std::strcmp(argv[1], "gemma") == 0;
+  const int layers = gemma ? 18 : argc > 1 ? std::atoi(argv[1]) : 30;
+  const int bits = gemma ? std::atoi(argv[2]) : 4, group = gemma ? std::atoi(argv[3]) : 32;
+  const int smol[7][2] = {{576, 576}, {192, 576}, {192, 576}, {576, 576}, {1536, 576}, {1536, 576}, {576, 1536}};
+  const int gem[7][2] = {{1024, 640}, {256, 640}, {256, 640}, {640, 1024}, {2048, 640}, {2048, 640}, {640, 2048}};
   std::vector<Matrix> ms;
   for (int l = 0; l < layers; ++l)
-    for (const auto& s : shapes) ms.emplace_back(s[0], s[1], 4, 32, rng);
+    for (const auto& s : gemma ? gem : smol) ms.emplace_back(s[0], s[1], bits, group, rng);
   char what[64];
-  std::snprintf(what, sizeof what, "%d layer(s)", layers);
+  std::snprintf(what, sizeof what, "%s%d layer(s), %d-bit g%d", gemma ? "Gemma's " : "", layers, bits, group);
   time_passes(ms, layers == 1 ? 600 : 20, what);
   return 0;
 }

@@ -369,16 +369,34 @@ size_t split_matvec_weights() {
   return n;
 }
 
+// Rows per chunk when a one-token product is shared out: about kSplitChunkBytes of codes (an even number of
+// chunks, at least two), a multiple of 4, so that each thread streams long runs of its own rows. Fixed row counts
+// (64 rows for a layer's products, 256 for a head) left the second thread worth far less than the first:
+// measured with bench/matvec_bandwidth.cpp on 2 threads (Zen 4 host, 2026-12-04, int16 kernels, same bits):
+// Gemma's 18 layers of 6-bit products (`gemma 6 32`) 4.2 ms a pass with 64-row chunks, 3.1-3.3 with 256 KB
+// ones; its 262,144 x 640 5-bit head (`matrix 262144 640 5 32`) 6.2 ms with 256-row chunks, 4.3-4.6 with 256 KB
+// to 4 MB ones; 64 KB chunks gave 4.1-4.2 ms on the layers, 128 KB 3.6-4.1. In a paired decode (Gemma, 64
+// tokens, 4 rounds) 80.9 tok/s against 73.1 with 64-row chunks everywhere.
+constexpr size_t kSplitChunkBytes = size_t(256) << 10;
+
+int split_chunk_rows(const AffineWeights& w) {
+  const size_t row_bytes = size_t(w.cols) * w.bits / 8, bytes = row_bytes * w.rows;
+  size_t chunks = std::max<size_t>(2, (bytes + kSplitChunkBytes - 1) / kSplitChunkBytes);
+  chunks += chunks % 2;
+  const size_t rows = (size_t(w.rows) + chunks - 1) / chunks;
+  return int(std::max<size_t>(4, (rows + 3) / 4 * 4));
+}
+
 // One token of each of n matrices of the same input width, their rows shared out by the pool in one job: x
-// prepared once per matrix, then chunks of `chunk_rows` rows (a multiple of 4) from each matrix's start, so each
+// prepared once per matrix, then chunks of split_chunk_rows (a multiple of 4) from each matrix's start, so each
 // row takes the same kernel (4-row or 1-row) as on one thread and the bits do not depend on the split. Every
 // matrix must have rows and an integer kernel.
-void split_matvecs(int n, const AffineWeights* ws, const float* x, float* const* ys, int chunk_rows, int nthreads) {
+void split_matvecs(int n, const AffineWeights* ws, const float* x, float* const* ys, int nthreads) {
   struct Part {
     IntX qx;
     std::vector<float> xsum;
     IntDotRows i4, i1;
-    int first_chunk;
+    int first_chunk, chunk_rows;
   };
   std::vector<RowReader> readers;
   readers.reserve(n);
@@ -399,7 +417,8 @@ void split_matvecs(int n, const AffineWeights* ws, const float* x, float* const*
     p.i4 = pick_int_dot_rows<4>(w.bits, w.group);
     p.i1 = pick_int_dot_rows<1>(w.bits, w.group);
     p.first_chunk = nchunks;
-    nchunks += (w.rows + chunk_rows - 1) / chunk_rows;
+    p.chunk_rows = split_chunk_rows(w);
+    nchunks += (w.rows + p.chunk_rows - 1) / p.chunk_rows;
   }
   parallel_for(nchunks, nthreads, [&](int c) {
     int i = n - 1;
@@ -407,7 +426,7 @@ void split_matvecs(int n, const AffineWeights* ws, const float* x, float* const*
     const Part& p = parts[i];
     const AffineWeights& w = ws[i];
     const RowReader& rd = readers[i];
-    const int r0 = (c - p.first_chunk) * chunk_rows, r1 = std::min(w.rows, r0 + chunk_rows);
+    const int r0 = (c - p.first_chunk) * p.chunk_rows, r1 = std::min(w.rows, r0 + p.chunk_rows);
     int q = r0;
     for (; q + 4 <= r1; q += 4) {
       const uint8_t* rows[4] = {rd.row(q), rd.row(q + 1), rd.row(q + 2), rd.row(q + 3)};
@@ -425,7 +444,7 @@ void matvec(const AffineWeights& w, const RowReader& rd, const float* x, float* 
   // One token runs on the calling thread (outside a fused layer the other core is building the next step's
   // graph), unless the matrix is as large as a vocabulary head: that runs last, when the builder is idle.
   if (idot4 && nthreads > 1 && size_t(w.rows) * w.cols >= split_matvec_weights()) {
-    split_matvecs(1, &w, x, &y, 256, nthreads);
+    split_matvecs(1, &w, x, &y, nthreads);
     return;
   }
   const int ng = w.cols / w.group;
@@ -537,11 +556,11 @@ void matmul_few(const AffineWeights& w, const RowReader& rd, const float* x, flo
       xsum[size_t(t) * ng + g] = s;
     }
   }
-  constexpr int kRowsPerChunk = 32;
-  const int nchunks = (w.rows + kRowsPerChunk - 1) / kRowsPerChunk;
+  const int rows_per_chunk = split_chunk_rows(w);  // long runs per thread, as for one token
+  const int nchunks = (w.rows + rows_per_chunk - 1) / rows_per_chunk;
   parallel_for(nchunks, nthreads, [&](int c) {
-    const int r1 = std::min(w.rows, (c + 1) * kRowsPerChunk);
-    for (int r = c * kRowsPerChunk; r < r1; ++r) kernel(w, rd.row(r), r, qx.data(), xsum.data(), y + r, w.rows);
+    const int r1 = std::min(w.rows, (c + 1) * rows_per_chunk);
+    for (int r = c * rows_per_chunk; r < r1; ++r) kernel(w, rd.row(r), r, qx.data(), xsum.data(), y + r, w.rows);
   });
 }
 
@@ -650,7 +669,7 @@ void affine_matvec_shared_many(int n, const AffineWeights* ws, const float* x, f
       matvec(ws[i], RowReader(ws[i]), x, ys[i], 1);
     }
   }
-  if (!split.empty()) split_matvecs(int(split.size()), split.data(), x, outs.data(), 64, num_threads());
+  if (!split.empty()) split_matvecs(int(split.size()), split.data(), x, outs.data(), num_threads());
 }
 
 void affine_matmul(const AffineWeights& w, const float* x, float* y, int tokens) {
