@@ -213,6 +213,14 @@ def describe() -> dict[str, object]:
     return info
 
 
+def argmax(x: mx.array) -> mx.array:
+    """mx.argmax(x, axis=-1) (uint32, the same index, NaNs included), as one vectorized node on the native path:
+    MLX's CPU argmax is a scalar loop (0.28-0.31 ms over Gemma 3's 262,144 logits, 0.09 here)."""
+    if x.dtype == mx.float32 and x.ndim >= 1 and x.shape[-1] > 0 and enabled():
+        return _require().argmax_last(x)
+    return mx.argmax(x, axis=-1)
+
+
 def gated_activation(gate: mx.array, up: mx.array, gelu: bool) -> mx.array:
     """act(gate) * up (SiLU, or GELU's tanh approximation) as one native node (MLX's CPU ops are 3-9 nodes)."""
     y = _require().gated_activation(gate, up, gelu)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from mmt_mlx import native
+
 REPEAT_LAST_N = 64  # like llama.cpp: the repetition penalty looks at this many recent tokens
 
 
@@ -75,7 +77,7 @@ class Sampler:
         """Pick a token from processed (vocab,) logits; returns a 0-d int32 array."""
         p = self.p
         if p.temperature == 0:
-            return mx.argmax(logits, axis=-1).astype(mx.int32)
+            return native.argmax(logits).astype(mx.int32)
         logits = logits / p.temperature
         if p.top_k and p.top_k < logits.shape[-1]:
             kth = mx.sort(logits)[-p.top_k]

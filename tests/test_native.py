@@ -445,12 +445,17 @@ def test_fgs_layers_use_native_and_match_ops(monkeypatch):
     x64 = rng.normal(size=(1, 4, 96)).astype(np.float32)
     x = mx.array(x64)
     assert native.enabled()
-    y_native, head_native = np.array(lin(x)), np.array(emb.as_linear(x))
+    ids = mx.array([[0, 49, 7], [7, 3, 0]])
+    y_native, head_native, rows_native = np.array(lin(x)), np.array(emb.as_linear(x)), np.array(emb(ids))
     monkeypatch.setenv("MMT_NATIVE", "0")
     assert not native.enabled()
     atol = 1e-5 + _int_bound(code.levels[0], x64.reshape(4, 96)).max()  # x rounded to int16 per group
     np.testing.assert_allclose(y_native, np.array(lin(x)), rtol=1e-4, atol=atol)
     np.testing.assert_allclose(head_native, np.array(emb.as_linear(x)), rtol=1e-4, atol=atol)
+    # embedding rows: one native dequantize node against MLX's (an FMA against a multiply and an add)
+    assert rows_native.shape == (2, 3, 96) and rows_native.dtype == np.float32
+    np.testing.assert_allclose(rows_native, np.array(emb(ids)), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(rows_native, _dense(code.levels[0])[np.array(ids)], rtol=1e-5, atol=1e-5)
 
 
 @needs_native
@@ -694,3 +699,28 @@ def test_gaussian_level_rejects_bad_operands():
     bad.mu[0, 0] = 16
     with pytest.raises(ValueError, match="out of range"):
         GaussianLevel(bad, False).native_operands()
+
+
+@needs_native
+def test_argmax_is_mlx_argmax():
+    """The sampler's native argmax gives mx.argmax's index at every length around the 8-float vector width, with
+    ties (the first wins), infinities and NaNs (the first NaN wins, as MLX and numpy), for each row of a batch."""
+    rng = np.random.default_rng(11)
+    for n in (1, 2, 7, 8, 9, 16, 17, 31, 1000, 49_152):
+        for trial in range(12):
+            x = rng.normal(size=(3, n)).astype(np.float32)
+            if trial % 3 == 0:
+                x[:, rng.integers(0, n, size=max(1, n // 10))] = 4.0  # ties at the maximum
+            if trial % 4 == 1:
+                x[0, rng.integers(0, n)] = np.nan
+            if trial == 5:
+                x[1, 0] = np.nan
+            if trial == 6:
+                x[2] = -np.inf
+            if trial == 7:
+                x[2, -1] = np.inf
+            got = np.array(native.argmax(mx.array(x)))
+            want = np.array(mx.argmax(mx.array(x), axis=-1))
+            assert got.dtype == want.dtype and np.array_equal(got, want), (n, trial)
+            np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+    assert int(native.argmax(mx.array([2.0, 5.0, 5.0]))) == 1  # 1-D logits, as the sampler passes them

@@ -180,12 +180,11 @@ class QuantLevel(nn.Module):
         return self._ops_copy.pair
 
     def decode_rows(self, ids: mx.array) -> mx.array:
+        wq, s, b = (mx.take(a, ids, axis=0) for a in (self.wq, self.scales, self.biases))
+        if native.enabled():  # one node; MLX's CPU dequantize is ~15 nodes of scalar ops per decoded token
+            return native.dequantize(wq, s, b, self.group_size, self.bits)
         w = mx.dequantize(
-            mx.take(self.wq, ids, axis=0),
-            mx.take(self.scales, ids, axis=0).astype(mx.float32),
-            mx.take(self.biases, ids, axis=0).astype(mx.float32),
-            group_size=self.group_size,
-            bits=self.bits,
+            wq, s.astype(mx.float32), b.astype(mx.float32), group_size=self.group_size, bits=self.bits
         )
         return w.astype(mx.float32)
 
