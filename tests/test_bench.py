@@ -12,6 +12,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
+from mmt_mlx.bench import timing
 from mmt_mlx.bench.accounting import gguf_weight_bytes, weight_bytes
 from mmt_mlx.bench.cli import add_bench_parser
 from mmt_mlx.bench.run import run_bench
@@ -117,6 +118,12 @@ def test_run_bench_tiny_gguf_end_to_end(tiny_gguf, cache, tmp_path, capsys):
     by = {v["key"]: v for v in r["variants"]}
     assert by["mlx-q4"]["stored_bytes"] < by["mlx-q8"]["stored_bytes"] < by["dense"]["stored_bytes"]
     assert by["fgs"]["peak_memory"] > 0
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        assert r["timing"] == "each variant alone" and "llama.cpp" not in by
+    else:  # the source is a GGUF: llama.cpp ran, its reps alternating with the FGS model's
+        assert r["timing"] == "FGS and llama.cpp reps alternating" and keys[-1] == "llama.cpp"
     # the CLI: table, JSON file and JSON on stdout
     parser = argparse.ArgumentParser()
     add_bench_parser(parser.add_subparsers())
@@ -148,3 +155,28 @@ def test_frontier_tiny(tiny_gguf, cache, tmp_path):
     assert a.ctx == 64 and a.chunks == 4
     a = parser.parse_args(["frontier", "-m", path, "--text", "x.txt", "--presets", "small"])
     assert a.presets == "small" and a.out == "frontier.png"
+
+
+def test_alternating_timers_take_turns(monkeypatch):
+    """Round by round: every engine's prompt pass, then every engine's decode, each after a settle pause."""
+    monkeypatch.setattr(timing, "SETTLE_S", 0.0)
+    calls: list[str] = []
+
+    class Fake:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def warm_up(self) -> None:
+            calls.append(f"{self.name}:warm")
+
+        def pp(self) -> float:
+            calls.append(f"{self.name}:pp")
+            return 1.0 if self.name == "a" else 2.0
+
+        def tg(self) -> float:
+            calls.append(f"{self.name}:tg")
+            return 3.0 if self.name == "a" else 4.0
+
+    out = timing.time_alternating([Fake("a"), Fake("b")], reps=2)
+    assert out == [([1.0, 1.0], [3.0, 3.0]), ([2.0, 2.0], [4.0, 4.0])]
+    assert calls == ["a:warm", "b:warm"] + ["a:pp", "b:pp", "a:tg", "b:tg"] * 2

@@ -7,30 +7,40 @@ import time
 from mmt_mlx.bench.timing import bench_tokens
 
 
-def time_llamacpp(path: str, p: int, g: int, reps: int, threads: int = 2) -> tuple[list[float], list[float]]:
-    from llama_cpp import Llama
+class LlamaCppTimer:
+    """``pp()``: one prompt pass of p tokens; ``tg()``: g tokens fed one at a time (llama-bench's tg), seconds."""
 
-    llm = Llama(model_path=str(path), n_ctx=p + g + 16, n_batch=max(p, 32), n_threads=threads,
-                n_threads_batch=threads, verbose=False)  # fmt: skip
-    prompt = bench_tokens(llm.n_vocab(), max(p, g))
+    def __init__(self, path: str, p: int, g: int, threads: int = 2) -> None:
+        from llama_cpp import Llama
 
-    def pp(tokens: list[int]) -> float:
-        llm.reset()
+        self.p, self.g = p, g
+        self.llm = Llama(model_path=str(path), n_ctx=p + g + 16, n_batch=max(p, 32), n_threads=threads,
+                         n_threads_batch=threads, verbose=False)  # fmt: skip
+        self.prompt = bench_tokens(self.llm.n_vocab(), max(p, g))
+
+    def warm_up(self) -> None:
+        self._pp(self.prompt[: min(self.p, 64)])
+        self._tg(min(self.g, 8))
+
+    def pp(self) -> float:
+        return self._pp(self.prompt[: self.p])
+
+    def tg(self) -> float:
+        return self._tg(self.g)
+
+    def close(self) -> None:
+        if hasattr(self.llm, "close"):
+            self.llm.close()
+
+    def _pp(self, tokens: list[int]) -> float:
+        self.llm.reset()
         t0 = time.perf_counter()
-        llm.eval(tokens)
+        self.llm.eval(tokens)
         return time.perf_counter() - t0
 
-    def tg(n: int) -> float:
-        llm.reset()
+    def _tg(self, n: int) -> float:
+        self.llm.reset()
         t0 = time.perf_counter()
-        for tok in prompt[:n]:
-            llm.eval([tok])
+        for tok in self.prompt[:n]:
+            self.llm.eval([tok])
         return time.perf_counter() - t0
-
-    pp(prompt[: min(p, 64)])
-    tg(min(g, 8))
-    pp_t = [pp(prompt[:p]) for _ in range(reps)]
-    tg_t = [tg(g) for _ in range(reps)]
-    if hasattr(llm, "close"):
-        llm.close()
-    return pp_t, tg_t

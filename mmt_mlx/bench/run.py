@@ -10,9 +10,9 @@ import mlx.nn as nn
 
 from mmt_mlx.apple_estimate import count_kernels
 from mmt_mlx.bench.accounting import gguf_weight_bytes, weight_bytes
-from mmt_mlx.bench.llamacpp import time_llamacpp
+from mmt_mlx.bench.llamacpp import LlamaCppTimer
 from mmt_mlx.bench.stats import APPLE_CHIPS, bench_stats
-from mmt_mlx.bench.timing import time_mlx
+from mmt_mlx.bench.timing import MlxTimer, time_alternating, time_mlx
 from mmt_mlx.build import LoadedModel, load_fgs, model_from_source
 from mmt_mlx.errors import MmtError
 from mmt_mlx.evals.text import free_memory
@@ -51,30 +51,54 @@ def run_bench(
     name, fgs_path = fgs_model_path(model_arg, src=src, progress=progress)
     variants: list[dict] = []
 
-    def run_mlx(key: str, label: str, loader: Callable[[], tuple[LoadedModel, dict | None, int]]) -> None:
-        log(f"[bench] {label}: loading")
-        lm, codes, vocab = loader()
-        model = lm.model
+    def check_context(model) -> None:
         ctx_len = getattr(getattr(model, "args", None), "max_position_embeddings", 1 << 30)
         if prompt_tokens + gen_tokens > ctx_len:
             raise MmtError(f"-p + -g ({prompt_tokens + gen_tokens}) exceeds the model's context of {ctx_len}")
-        log(f"[bench] {label}: pp{prompt_tokens} / tg{gen_tokens} x {reps}")
-        pp_t, tg_t, peak = time_mlx(lm, vocab, prompt_tokens, gen_tokens, reps)
+
+    def add_mlx(
+        key: str, label: str, model, codes: dict | None, times: tuple[list[float], list[float]], peak: int
+    ):
         w = weight_bytes(model, codes, attention_ctx=gen_tokens // 2)
-        kernels = count_kernels(model)
         v = {"key": key, "label": label, "peak_memory": peak,
-             **bench_stats(pp_t, tg_t, prompt_tokens, gen_tokens, kernels_per_token=kernels, **w)}  # fmt: skip
+             **bench_stats(*times, prompt_tokens, gen_tokens, kernels_per_token=count_kernels(model), **w)}  # fmt: skip
         variants.append(v)
         log(f"[bench] {label}: pp {v['pp']['tok_s']:.1f} tok/s, tg {v['tg']['tok_s']:.2f} tok/s")
-        del lm, model, codes
+
+    def run_mlx(key: str, label: str, loader: Callable[[], tuple[LoadedModel, dict | None, int]]) -> None:
+        log(f"[bench] {label}: loading")
+        lm, codes, vocab = loader()
+        check_context(lm.model)
+        log(f"[bench] {label}: pp{prompt_tokens} / tg{gen_tokens} x {reps}")
+        pp_t, tg_t, peak = time_mlx(lm, vocab, prompt_tokens, gen_tokens, reps)
+        add_mlx(key, label, lm.model, codes, (pp_t, tg_t), peak)
+        del lm, codes
         free_memory()
 
-    def fgs_loader():
-        lm = load_fgs(fgs_path, name)
-        return lm, load_fgs_model(fgs_path)[1], lm.model.args.vocab_size
-
+    # The FGS model first. When llama.cpp runs too, the two take their reps in turn (time_alternating), so
+    # that the headline ratio does not depend on this host's drift between them; the other rows follow alone.
     preset = read_manifest(fgs_path).get("report", {}).get("preset") or "?"
-    run_mlx("fgs", f"FGS {preset}", fgs_loader)
+    label = f"FGS {preset}"
+    log(f"[bench] {label}: loading")
+    lm = load_fgs(fgs_path, name)
+    codes = load_fgs_model(fgs_path)[1]
+    check_context(lm.model)
+    gguf_path = resolve_path(src_arg)[1] if src is not None else None
+    llama = _llama_timer(gguf_path, prompt_tokens, gen_tokens, log)
+    if llama is None:
+        log(f"[bench] {label}: pp{prompt_tokens} / tg{gen_tokens} x {reps}")
+        pp_t, tg_t, peak = time_mlx(lm, lm.model.args.vocab_size, prompt_tokens, gen_tokens, reps)
+        llama_times = None
+    else:
+        log(f"[bench] {label} and llama.cpp, rep by rep: pp{prompt_tokens} / tg{gen_tokens} x {reps}")
+        mx.reset_peak_memory()
+        timers = [MlxTimer(lm, lm.model.args.vocab_size, prompt_tokens, gen_tokens), llama]
+        (pp_t, tg_t), llama_times = time_alternating(timers, reps)
+        peak = int(mx.get_peak_memory())
+        llama.close()
+    add_mlx("fgs", label, lm.model, codes, (pp_t, tg_t), peak)
+    del lm, codes
+    free_memory()
     if src is not None:
         run_mlx("dense", "dense f32", lambda: (model_from_source(src, name), None, src.config["vocab_size"]))
         for bits in (8, 4):
@@ -86,25 +110,33 @@ def run_bench(
                 return lm, None, src.config["vocab_size"]
 
             run_mlx(f"mlx-q{bits}", f"MLX q{bits} g64", quant_loader)
-        gguf_path = resolve_path(src_arg)[1]
-        if str(gguf_path).endswith(".gguf"):
-            try:
-                import llama_cpp  # noqa: F401  (optional comparison, never required)
-            except ImportError:
-                log("[bench] llama.cpp: llama-cpp-python not installed, skipped")
-            else:
-                log(f"[bench] llama.cpp: pp{prompt_tokens} / tg{gen_tokens} x {reps}")
-                pp_t, tg_t = time_llamacpp(str(gguf_path), prompt_tokens, gen_tokens, reps)
-                w = gguf_weight_bytes(gguf_path)
-                flops = next(v["flops_per_token"] for v in variants if v["key"] == "dense")  # same shapes
-                variants.append({"key": "llama.cpp", "label": "llama.cpp (GGUF)", "peak_memory": None,
-                                 **bench_stats(pp_t, tg_t, prompt_tokens, gen_tokens, flops_per_token=flops, **w)})  # fmt: skip
+    if llama_times is not None and gguf_path is not None:
+        w = gguf_weight_bytes(gguf_path)
+        flops = next(v["flops_per_token"] for v in variants if v["key"] == "dense")  # same shapes
+        variants.append({"key": "llama.cpp", "label": "llama.cpp (GGUF)", "peak_memory": None,
+                         **bench_stats(*llama_times, prompt_tokens, gen_tokens, flops_per_token=flops, **w)})  # fmt: skip
+        log(
+            f"[bench] llama.cpp: pp {variants[-1]['pp']['tok_s']:.1f} tok/s, tg {variants[-1]['tg']['tok_s']:.2f} tok/s"
+        )
     return {
         "model": name, "fgs_path": str(fgs_path), "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens,
         "reps": reps, "backend": f"mlx {mx.__version__} {mx.default_device()}", "variants": variants,
         "apple_chips": {k: {"bandwidth_gbs": bw / 1e9, "fp32_tflops": f / 1e12} for k, (bw, f) in APPLE_CHIPS.items()},
         "load_average": _loadavg(),
+        "timing": "FGS and llama.cpp reps alternating" if llama_times is not None else "each variant alone",
     }  # fmt: skip
+
+
+def _llama_timer(gguf_path, p: int, g: int, log: Callable[[str], None]) -> LlamaCppTimer | None:
+    """llama.cpp on the source GGUF, when there is one and llama-cpp-python is installed (never required)."""
+    if gguf_path is None or not str(gguf_path).endswith(".gguf"):
+        return None
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        log("[bench] llama.cpp: llama-cpp-python not installed, skipped")
+        return None
+    return LlamaCppTimer(str(gguf_path), p, g)
 
 
 def _loadavg() -> list[float] | None:
