@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import numpy as np
 import pytest
@@ -89,7 +90,7 @@ def test_llamacpp_requantized_points(tiny_gguf, tmp_path):
     assert q2["ppl"] != q8["ppl"] and all(p["bits_per_weight"] < 32 for p in pts)
 
 
-def test_eval_kl_of_a_converted_dir(tiny_gguf, cache, tmp_path, capsys):
+def test_eval_kl_of_a_converted_dir(tiny_gguf, cache, tmp_path, capsys, monkeypatch):
     path, _ = tiny_gguf["llama"]
     _, fgs_dir = fgs_model_path(path, "small", progress=False)
     text = tmp_path / "t.txt"
@@ -102,10 +103,24 @@ def test_eval_kl_of_a_converted_dir(tiny_gguf, cache, tmp_path, capsys):
         a = parser.parse_args(["kl", *common, *extra])
         assert a.func(a) == 0
         out.append(json.loads(capsys.readouterr().out))
+    # -m DIR alone: the directory against the model it was converted from (its manifest names the GGUF file,
+    # found from its folder), not against itself; elsewhere that name resolves to nothing: a clear error
+    a = parser.parse_args(["kl", "-m", str(fgs_dir), *common[2:]])
+    with pytest.raises(MmtError, match="converted from 'tiny-llama.gguf'"):
+        a.func(a)
+    monkeypatch.chdir(os.path.dirname(path))
+    a = parser.parse_args(["kl", "-m", str(fgs_dir), *common[2:]])
+    assert a.func(a) == 0
+    out.append(json.loads(capsys.readouterr().out))
     assert out[0]["kl"] == pytest.approx(out[1]["kl"], rel=1e-6) and out[1]["kl"] > 0
-    assert out[1]["candidate"] == str(fgs_dir)
+    assert out[2]["kl"] == pytest.approx(out[1]["kl"], rel=1e-6)
+    assert out[1]["candidate"] == out[2]["candidate"] == str(fgs_dir)
     for bad, msg in ((["--candidate", str(tmp_path)], "not an FGS model directory"),
                      (["--candidate", str(fgs_dir), "--preset", "small"], "not both")):  # fmt: skip
         a = parser.parse_args(["kl", *common, *bad])
+        with pytest.raises(MmtError, match=msg):
+            a.func(a)
+    for bad, msg in ((["--preset", "small"], "names an FGS directory"),):
+        a = parser.parse_args(["kl", "-m", str(fgs_dir), *common[2:], *bad])
         with pytest.raises(MmtError, match=msg):
             a.func(a)

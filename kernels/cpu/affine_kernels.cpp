@@ -189,6 +189,34 @@ struct RowReader {
   }
 };
 
+// Rows per chunk when a one-token product is shared out: about kSplitChunkBytes of codes (an even number of
+// chunks, at least two), a multiple of 4, so that each thread streams long runs of its own rows. Fixed row counts
+// (64 rows for a layer's products, 256 for a head) left the second thread worth far less than the first:
+// measured with bench/matvec_bandwidth.cpp on 2 threads (Zen 4 host, 2026-12-04, int16 kernels, same bits):
+// Gemma's 18 layers of 6-bit products (`gemma 6 32`) 4.2 ms a pass with 64-row chunks, 3.1-3.3 with 256 KB
+// ones; its 262,144 x 640 5-bit head (`matrix 262144 640 5 32`) 6.2 ms with 256-row chunks, 4.3-4.6 with 256 KB
+// to 4 MB ones; 64 KB chunks gave 4.1-4.2 ms on the layers, 128 KB 3.6-4.1. In a paired decode (Gemma, 64
+// tokens, 4 rounds) 80.9 tok/s against 73.1 with 64-row chunks everywhere.
+// MMT_SPLIT_CHUNK_KB overrides it (read once; for A/B runs: 30 is about the old 64 rows of Gemma's layers).
+constexpr size_t kSplitChunkBytes = size_t(256) << 10;
+
+size_t split_chunk_bytes() {
+  static const size_t n = [] {
+    const char* env = std::getenv("MMT_SPLIT_CHUNK_KB");
+    const long long kb = env ? std::atoll(env) : 0;
+    return kb > 0 ? size_t(kb) << 10 : kSplitChunkBytes;
+  }();
+  return n;
+}
+
+int split_chunk_rows(const AffineWeights& w) {
+  const size_t row_bytes = size_t(w.cols) * w.bits / 8, bytes = row_bytes * w.rows, target = split_chunk_bytes();
+  size_t chunks = std::max<size_t>(2, (bytes + target - 1) / target);
+  chunks += chunks % 2;
+  const size_t rows = (size_t(w.rows) + chunks - 1) / chunks;
+  return int(std::max<size_t>(4, (rows + 3) / 4 * 4));
+}
+
 namespace avx2 {
 #define MMT_INT_TARGET __attribute__((target("avx2,fma,f16c")))
 #define MMT_INT_VNNI 0
@@ -367,24 +395,6 @@ size_t split_matvec_weights() {
     return v > 0 ? size_t(v) : std::numeric_limits<size_t>::max();
   }();
   return n;
-}
-
-// Rows per chunk when a one-token product is shared out: about kSplitChunkBytes of codes (an even number of
-// chunks, at least two), a multiple of 4, so that each thread streams long runs of its own rows. Fixed row counts
-// (64 rows for a layer's products, 256 for a head) left the second thread worth far less than the first:
-// measured with bench/matvec_bandwidth.cpp on 2 threads (Zen 4 host, 2026-12-04, int16 kernels, same bits):
-// Gemma's 18 layers of 6-bit products (`gemma 6 32`) 4.2 ms a pass with 64-row chunks, 3.1-3.3 with 256 KB
-// ones; its 262,144 x 640 5-bit head (`matrix 262144 640 5 32`) 6.2 ms with 256-row chunks, 4.3-4.6 with 256 KB
-// to 4 MB ones; 64 KB chunks gave 4.1-4.2 ms on the layers, 128 KB 3.6-4.1. In a paired decode (Gemma, 64
-// tokens, 4 rounds) 80.9 tok/s against 73.1 with 64-row chunks everywhere.
-constexpr size_t kSplitChunkBytes = size_t(256) << 10;
-
-int split_chunk_rows(const AffineWeights& w) {
-  const size_t row_bytes = size_t(w.cols) * w.bits / 8, bytes = row_bytes * w.rows;
-  size_t chunks = std::max<size_t>(2, (bytes + kSplitChunkBytes - 1) / kSplitChunkBytes);
-  chunks += chunks % 2;
-  const size_t rows = (size_t(w.rows) + chunks - 1) / chunks;
-  return int(std::max<size_t>(4, (rows + 3) / 4 * 4));
 }
 
 // One token of each of n matrices of the same input width, their rows shared out by the pool in one job: x

@@ -15,6 +15,7 @@ from mmt_mlx.evals.frontier import DEFAULT_FRONTIER_PRESETS, converted_dir, form
 from mmt_mlx.evals.kl import kl_eval
 from mmt_mlx.evals.llamacpp_peers import DEFAULT_LLAMA_TYPES, llamacpp_available, parse_llama_types
 from mmt_mlx.evals.text import read_text
+from mmt_mlx.fgs.format import is_fgs_dir, read_manifest
 from mmt_mlx.fgs_cache import fgs_model_path
 from mmt_mlx.loader import load_model
 from mmt_mlx.locate import resolve_path
@@ -26,6 +27,19 @@ def cmd_eval_kl(a: argparse.Namespace) -> int:
     text = read_text(a.text, a.start)
     if a.ctx < 2 or a.chunks < 0:
         raise MmtError("--ctx must be >= 2 and --chunks >= 0")
+    _, model_path = resolve_path(a.model)
+    if is_fgs_dir(model_path):  # -m DIR: the directory against the model it was converted from
+        if a.candidate or a.preset:
+            raise MmtError(
+                "-m names an FGS directory: give --preset or --candidate with its source model instead"
+            )
+        source = read_manifest(model_path).get("report", {}).get("source") or ""
+        try:
+            resolve_path(source)
+        except MmtError as e:
+            raise MmtError(f"{model_path} was converted from {source!r}, which is neither a built-in model nor a "
+                           f"file here: use -m SOURCE --candidate {model_path}") from e  # fmt: skip
+        a.candidate, a.model = str(model_path), source
     if a.candidate:
         if a.preset:
             raise MmtError("give --preset or --candidate, not both")
