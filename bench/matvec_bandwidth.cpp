@@ -11,7 +11,10 @@
 //   /tmp/matvec_bandwidth gemma BITS GROUP         Gemma 3 270M's 18 layers of products at one width and group
 //   /tmp/matvec_bandwidth read                     a plain 256 MB read with AVX2 loads: the memory's own speed
 //
-// MMT_PREFETCH=0 in the environment turns the kernels' software prefetch off (int_kernels.inc).
+// Each line gives the best pass and the median of the passes. MMT_PREFETCH=0 in the environment turns the kernels'
+// software prefetch off (int_kernels.inc); MMT_SPLIT_CHUNK_KB sets the rows each thread takes at a time
+// (affine_kernels.cpp); AS_LAYER=1 runs the layer modes' products as the fused decode layer groups them (q, k, v
+// in one job, o, gate and up in one job, down) instead of one matrix per job.
 #include <immintrin.h>
 
 #include <algorithm>

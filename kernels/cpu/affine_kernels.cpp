@@ -189,15 +189,15 @@ struct RowReader {
   }
 };
 
-// Rows per chunk when a one-token product is shared out: about kSplitChunkBytes of codes (an even number of
-// chunks, at least two), a multiple of 4, so that each thread streams long runs of its own rows. Fixed row counts
-// (64 rows for a layer's products, 256 for a head) left the second thread worth far less than the first:
-// measured with bench/matvec_bandwidth.cpp on 2 threads (Zen 4 host, 2026-12-04, int16 kernels, same bits):
-// Gemma's 18 layers of 6-bit products (`gemma 6 32`) 4.2 ms a pass with 64-row chunks, 3.1-3.3 with 256 KB
-// ones; its 262,144 x 640 5-bit head (`matrix 262144 640 5 32`) 6.2 ms with 256-row chunks, 4.3-4.6 with 256 KB
-// to 4 MB ones; 64 KB chunks gave 4.1-4.2 ms on the layers, 128 KB 3.6-4.1. In a paired decode (Gemma, 64
-// tokens, 4 rounds) 80.9 tok/s against 73.1 with 64-row chunks everywhere.
-// MMT_SPLIT_CHUNK_KB overrides it (read once; for A/B runs: 30 is about the old 64 rows of Gemma's layers).
+// Rows per chunk when a one-token product is shared out: about 256 KB of codes (an even number of chunks, at
+// least two), a multiple of 4, so that each thread streams long runs of its own rows. The kernels prefetch 32 KB
+// ahead of their rows: with the fixed row counts of before (64 rows in a layer, 256 in a head) a thread's
+// prefetches fell into the chunk the other thread took and the second thread added little. Measured with
+// bench/matvec_bandwidth.cpp, 2 threads, Zen 4 host, 2026-12-04 13:28 UTC (same bits either way): Gemma's 18
+// layers of 6-bit products (`gemma 6 32`) 3.9-4.4 ms a pass against 4.5-5.2 with MMT_SPLIT_CHUNK_KB=30 (about
+// 64 rows); its 262,144 x 640 5-bit head (`matrix 262144 640 5 32`) 5.8-6.0 ms against 6.8-7.4 with
+// MMT_SPLIT_CHUNK_KB=100 (about 256 rows); README "Kernels" has the decode figures.
+// MMT_SPLIT_CHUNK_KB overrides the size (read once; for A/B runs).
 constexpr size_t kSplitChunkBytes = size_t(256) << 10;
 
 size_t split_chunk_bytes() {

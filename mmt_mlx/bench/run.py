@@ -96,6 +96,7 @@ def run_bench(
         (pp_t, tg_t), llama_times = time_alternating(timers, reps)
         peak = int(mx.get_peak_memory())
         llama.close()
+        del timers, llama  # the timer holds the model: the rows after this one must not count its memory
     add_mlx("fgs", label, lm.model, codes, (pp_t, tg_t), peak)
     del lm, codes
     free_memory()
