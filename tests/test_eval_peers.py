@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -124,3 +125,12 @@ def test_eval_kl_of_a_converted_dir(tiny_gguf, cache, tmp_path, capsys, monkeypa
         a = parser.parse_args(["kl", "-m", str(fgs_dir), *common[2:], *bad])
         with pytest.raises(MmtError, match=msg):
             a.func(a)
+    # a directory whose manifest names no source is an error, not a comparison with the default model
+    unnamed = tmp_path / "unnamed"
+    shutil.copytree(fgs_dir, unnamed)
+    manifest = json.loads((unnamed / "manifest.json").read_text())
+    manifest["report"]["source"] = None
+    (unnamed / "manifest.json").write_text(json.dumps(manifest))
+    a = parser.parse_args(["kl", "-m", str(unnamed), *common[2:]])
+    with pytest.raises(MmtError, match="converted from ''"):
+        a.func(a)

@@ -35,6 +35,10 @@ def cmd_eval_kl(a: argparse.Namespace) -> int:
             )
         source = read_manifest(model_path).get("report", {}).get("source") or ""
         try:
+            if (
+                not source
+            ):  # an empty argument would resolve to the default model: not this directory's source
+                raise MmtError("no source recorded")
             resolve_path(source)
         except MmtError as e:
             raise MmtError(f"{model_path} was converted from {source!r}, which is neither a built-in model nor a "
