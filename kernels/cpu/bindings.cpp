@@ -41,7 +41,7 @@ NB_MODULE(_native, m) {
         "stream"_a = nb::none(),
         "The seeded FFT rotation irfft(rfft(signs x) phase) of each row of x, or its inverse (f32).");
   m.def("argmax_last", &mmt::argmax_last_op, "x"_a, nb::kw_only(), "stream"_a = nb::none(),
-        "argmax over the last axis (uint32), as mx.argmax: the first index of the largest value, in one CPU primitive.");
+        "argmax over the last axis (uint32) in one CPU primitive, mx.argmax's index (the first NaN, else the first max).");
   m.def("rms_norm", &mmt::rms_norm_op, "x"_a, "w"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none(),
         "x * rsqrt(mean(x^2, -1) + eps) * w in one CPU primitive (f32).");
   m.def("rope", &mmt::rope_op, "x"_a, "offset"_a, "dims"_a, "base"_a, "scale"_a, nb::kw_only(),

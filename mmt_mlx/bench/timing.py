@@ -102,8 +102,8 @@ SETTLE_S = 0.05
 
 def time_alternating(timers: list[Timer], reps: int) -> list[tuple[list[float], list[float]]]:
     """(pp seconds, tg seconds) per timer, their reps taken in turn: round r times every timer's prompt pass,
-    then every timer's decode. On a shared host whose speed drifts over minutes (these 2-core VMs: one engine's
-    decode moved 8% between runs a few minutes apart), the engines then see the same drift, and their ratio
+    then every timer's decode. On a shared host whose speed drifts over minutes (these 2-core VMs: decode rates
+    moved by 10-40% between runs minutes apart), the engines then see the same drift, and their ratio
     does not depend on which one ran first."""
     for t in timers:
         t.warm_up()
