@@ -1,5 +1,5 @@
-"""One-token products on the native kernels, affine (the default presets) and codebook (the rotq presets), at
-SmolLM2's shapes, on 1 and 2 threads: microseconds per product, the best of 7 rounds of 20 products evaluated
+"""One-token products on the native kernels, affine (the default presets) and codebook (the rotq presets: scalar
+and trellis codes, whose lut holds 4 x 2^bits levels), at SmolLM2's shapes, on 1 and 2 threads: microseconds per product, the best of 7 rounds of 20 products evaluated
 together (so MLX's per-node overhead is shared out, as in a decode graph).
 
     python bench/one_token_products.py [--threads 1,2]
@@ -51,10 +51,14 @@ def main() -> None:
             s = mx.array(rng.uniform(0.5, 1, size=(rows, cols // 64)).astype(np.float16))
             b = mx.array(rng.uniform(-1, 1, size=(rows, cols // 64)).astype(np.float16))
             levels = mx.array(np.sort(rng.normal(size=2**bits)).astype(np.float32))
+            lut = mx.array(rng.normal(size=4 * 2**bits).astype(np.float32))
             x = mx.array(rng.normal(size=(1, cols)).astype(np.float32))
             aff = best_us(partial(native.quant_matmul, x, wq, s, b, 64, bits))
             cb = best_us(partial(native.codebook_matmul, x, wq, s, levels, 64, bits))
-            cells.append(f"{rows}x{cols} {bits}-bit: affine {aff:.0f} us, codebook {cb:.0f} us")
+            tcq = best_us(partial(native.codebook_matmul, x, wq, s, lut, 64, bits))
+            cells.append(
+                f"{rows}x{cols} {bits}-bit: affine {aff:.0f} us, codebook {cb:.0f}, trellis {tcq:.0f}"
+            )
         print(f"{threads} thread(s): " + " | ".join(cells))
     native.set_threads(0)
 

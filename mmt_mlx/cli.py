@@ -119,6 +119,8 @@ def cmd_convert(a: argparse.Namespace) -> int:
         raise MmtError("--distill tunes rotated Gaussian codes: give it with --bpw or a rot preset")
     if a.distill < 0:
         raise MmtError("--distill must be >= 0 (steps)")
+    if a.codes is not None and a.bpw is None:
+        raise MmtError("--codes chooses the rotated Gaussian codes: give it with --bpw or a rot preset")
     out = Path(a.output)
     if out.exists() and not a.force:
         raise MmtError(f"{out} already exists (use --force to replace an FGS model there)")
@@ -127,7 +129,8 @@ def cmd_convert(a: argparse.Namespace) -> int:
         from mmt_mlx.convert import convert_bpw
 
         report = convert_bpw(src, out, a.bpw, overwrite=a.force, progress=not a.json, source_name=name,
-                             preset=getattr(a, "preset_bpw", None), distill_steps=a.distill)  # fmt: skip
+                             preset=getattr(a, "preset_bpw", None), distill_steps=a.distill,
+                             trellis=(a.codes or "trellis") == "trellis")  # fmt: skip
     else:
         report = convert(src, out, tau=a.tau, preset=a.preset, calibrate=not a.no_calibrate, allowed=allowed,
                          overwrite=a.force, progress=not a.json, source_name=name,
@@ -224,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="STEPS",
         help="with --bpw: tune the group scales against the dense model's next-token distribution for STEPS "
         "windows of 256 calibration tokens (slow on a CPU; default 0: off)",
+    )
+    c.add_argument(
+        "--codes",
+        choices=("trellis", "scalar"),
+        default=None,
+        help="with --bpw: trellis-coded (default) or scalar Lloyd-Max Gaussian codes",
     )
     c.add_argument("--no-eval", action="store_true", help="skip the held-out perplexity check")
     c.add_argument("--force", action="store_true", help="replace an existing FGS model at the output")

@@ -18,6 +18,7 @@ from pathlib import Path
 from types import ModuleType
 
 import mlx.core as mx
+import numpy as np
 
 VERSION_FILE = Path(__file__).resolve().parent / "_native_mlx_version.txt"
 
@@ -123,6 +124,19 @@ def codebook_matmul(
     (kernels/cpu/int_gemm.inc); a token's outputs do not depend on the other tokens of the call."""
     y = _require().codebook_matmul(x, wq, scales, codebook, group_size, bits)
     return y if x.dtype == mx.float32 else y.astype(x.dtype)
+
+
+def tcq_quantize(t: np.ndarray, w: np.ndarray, lut: np.ndarray, bits: int, state0: int) -> np.ndarray | None:
+    """The trellis codes' Viterbi search of one sequence (kernels/cpu/trellis.h), uint8 codes; None where the
+    extension is not built (conversion then takes the numpy reference). Whatever MMT_NATIVE says: it changes
+    no result, only the time."""
+    mod = _load()
+    if mod is None:
+        return None
+    out = np.empty(len(t), np.uint8)
+    mod.tcq_quantize(np.ascontiguousarray(t, np.float32), np.ascontiguousarray(w, np.float32),
+                     np.ascontiguousarray(lut, np.float32), bits, int(state0), out)  # fmt: skip
+    return out
 
 
 def fft_rotate(x: mx.array, signs: mx.array, phase: mx.array, inverse: bool = False) -> mx.array:

@@ -33,6 +33,7 @@ from mmt_mlx.fgs.encoders.gauss_codes import (
     rotq_nbytes,
 )
 from mmt_mlx.fgs.encoders.rotation import rotate_covariance
+from mmt_mlx.fgs.encoders.trellis import tcq_distortion
 from mmt_mlx.rotq_calibrate import (
     bucket_kl,
     bucket_of,
@@ -48,6 +49,7 @@ BPW_PRESETS = {"rot4": 4.0, "rot3": 3.25, "rot2.5": 2.5}
 GROUP = 64  # every matrix's width must be a multiple of it
 GROUPS = (32, 64)  # group sizes the planner may choose per tensor (128 does not divide 576-wide rows)
 LOG_SCALES = True  # 8-bit log-scale codes instead of f16 scales (gauss_codes): half the scale bytes
+TRELLIS = True  # trellis-coded (encoders/trellis.py) instead of scalar Lloyd-Max codes
 CALIB_TOKENS = 8192
 DISTILL_TOKENS = 1 << 20  # distillation windows: all of the shipped calibration text (~27,000 tokens)
 SCREEN_ROWS = 128
@@ -93,13 +95,15 @@ class _Factors:
 Option = tuple[int, int]  # (bits, group size)
 
 
-def allocate(items: dict[str, dict], budget: int, log_scales: bool = LOG_SCALES) -> dict[str, Option]:
+def allocate(
+    items: dict[str, dict], budget: int, log_scales: bool = LOG_SCALES, trellis: bool = False
+) -> dict[str, Option]:
     """Greedy knapsack: items[name] = {"rows", "cols", "cost": {(bits, group): predicted KL}} -> the option
     chosen per tensor. Each tensor starts at its fewest bytes; a step moves it to whichever option saves the most
     predicted KL per extra byte."""
 
     def nbytes(it: dict, o: Option) -> int:
-        return rotq_nbytes(it["rows"], it["cols"], o[0], o[1], log_scales)
+        return rotq_nbytes(it["rows"], it["cols"], o[0], o[1], log_scales, trellis)
 
     choice = {
         n: min(it["cost"], key=lambda o, it=it: (nbytes(it, o), it["cost"][o])) for n, it in items.items()
@@ -146,9 +150,11 @@ def encode_bpw(
     distill_steps: int = 0,
     groups: tuple[int, ...] = GROUPS,
     log_scales: bool = LOG_SCALES,
+    trellis: bool = TRELLIS,
 ) -> dict:
     """Encode every 2-D weight as a rotq level so the stored model has <= ``bpw`` bits per weight
-    (``groups``: the group sizes the planner may choose; ``log_scales``: 8-bit log-scale codes, else f16)."""
+    (``groups``: the group sizes the planner may choose; ``log_scales``: 8-bit log-scale codes, else f16;
+    ``trellis``: trellis-coded instead of scalar Gaussian codes)."""
     from tqdm import tqdm
 
     from mmt_mlx.build import model_from_source
@@ -188,7 +194,7 @@ def encode_bpw(
     # 2. screening: GPTQ error at SCREEN_BITS per group size on a row sample, other widths by the Gaussian
     # distortion ratio
     fac = _Factors(covs, damp)
-    dist = {b: gaussian_distortion(b) for b in CODE_BITS}
+    dist = {b: tcq_distortion(b) if trellis else gaussian_distortion(b) for b in CODE_BITS}
     items: dict[str, dict] = {}
     for n, w in matrices.items():
         key, h = _tensor_cov(n, keys, covs)
@@ -201,12 +207,20 @@ def encode_bpw(
         cost = {}
         for g in groups:
             code = encode_rotq(
-                ws, SCREEN_BITS, g, seeds[n], hr, rotated_h=True, factor=u, log_scales=log_scales
+                ws,
+                SCREEN_BITS,
+                g,
+                seeds[n],
+                hr,
+                rotated_h=True,
+                factor=u,
+                log_scales=log_scales,
+                trellis=trellis,
             )
             e3 = output_error(ws, decode_rotq(code), h)
             cost.update({(bb, g): price * e3 * dist[bb] / dist[SCREEN_BITS] for bb in CODE_BITS})
         items[n] = {"rows": w.shape[0], "cols": w.shape[1], "cost": cost, "use_h": use_h, "key": key}
-    choice = allocate(items, budget, log_scales)
+    choice = allocate(items, budget, log_scales, trellis)
     t_screen = time.perf_counter() - t0
 
     # 3. encoding
@@ -216,7 +230,9 @@ def encode_bpw(
         it = items[n]
         hr, u = fac.get(it["key"], seeds[n]) if it["use_h"] else (None, None)
         bits, g = choice[n]
-        code = encode_rotq(w, bits, g, seeds[n], hr, rotated_h=True, factor=u, log_scales=log_scales)
+        code = encode_rotq(
+            w, bits, g, seeds[n], hr, rotated_h=True, factor=u, log_scales=log_scales, trellis=trellis
+        )
         _, h = _tensor_cov(n, keys, covs)
         err = output_error(w, decode_rotq(code), h)
         codes[n] = TensorCode(tuple(w.shape), [code], [err], None)
@@ -247,13 +263,14 @@ def encode_bpw(
 
 
 def rotq_report(src, codes, raw, items, kl, bpw, preset, seconds, calib_seconds, source_name) -> dict:
-    """Per tensor class: levels kept (rotq<bits>g<group> counts), bytes, mean output error, predicted KL."""
+    """Per tensor class: levels kept (rotq<bits>g<group> counts, tcq<bits>g<group> for trellis codes), bytes, mean
+    output error, predicted KL."""
     classes: dict[str, dict] = {}
     for name, tc in codes.items():
         c = classes.setdefault(tensor_class(name), {"tensors": 0, "params": 0, "bytes": 0, "levels": {},
                                                     "r2": {}, "errors": [], "predicted_kl": 0.0})  # fmt: skip
         lv = tc.levels[0]
-        key = f"rotq{lv.bits}g{lv.group_size}"
+        key = f"{'tcq' if lv.trellis else 'rotq'}{lv.bits}g{lv.group_size}"
         c["tensors"] += 1
         c["params"] += int(np.prod(tc.shape))
         c["bytes"] += rotq_code_nbytes(lv)
@@ -268,9 +285,11 @@ def rotq_report(src, codes, raw, items, kl, bpw, preset, seconds, calib_seconds,
     raw_bytes = sum(int(a.nbytes) for a in raw.values())
     params = sum(c["params"] for c in classes.values()) + sum(int(a.size) for a in raw.values())
     total = coded + raw_bytes
+    trellis = any(tc.levels[0].trellis for tc in codes.values())
+    codes_name = "4-state trellis-coded Gaussian codes" if trellis else "Gaussian Lloyd-Max codes"
     return {
         "source": source_name or src.path, "arch": src.arch, "tau": None, "bpw_target": bpw, "preset": preset,
-        "method": "rotq: FFT rotation + Gaussian Lloyd-Max codes + GPTQ, bits by measured KL per byte",
+        "method": f"rotq: FFT rotation + {codes_name} + GPTQ, bits by measured KL per byte",
         "classes": classes, "bucket_kl_at_3bit_rtn": kl, "coded_bytes": coded, "raw_bytes": raw_bytes,
         "stored_bytes": total, "parameters": params, "bits_per_weight": 8 * total / params,
         "ratio_to_fp16": 2 * params / total, "source_bytes": src.weight_bytes,

@@ -7,7 +7,7 @@ minimise KL(dense || coded) of the next-token distributions on the calibration c
 network at once. This is the idea of mlx-lm's DWQ, applied to rotated Gaussian codes. The file format does
 not change: the tuned scales are stored as the old ones were (f16, or log-scale codes under each row's tuned top).
 
-The student decodes each weight once as unit codes, codebook[q], in f32. It applies the scales per step and
+The student decodes each weight once as unit codes, codebook[q] (trellis codes: at each code's state), in f32. It applies the scales per step and
 rotates each layer's input like the runtime (``rotq_layer``). The teacher is the dense source model,
 evaluated on the fly so no (tokens, vocab) table is kept.
 """
@@ -25,7 +25,7 @@ from mlx.utils import tree_unflatten
 
 from mmt_mlx import native
 from mmt_mlx.fgs.codes import LOG_SCALE_STEPS, RotQCode, TensorCode
-from mmt_mlx.fgs.encoders.gauss_codes import log_scale_codes
+from mmt_mlx.fgs.encoders.gauss_codes import log_scale_codes, unit_values
 from mmt_mlx.fgs.encoders.quant import unpack_bits
 from mmt_mlx.fgs.runtime.rotq_layer import Rotation
 
@@ -41,7 +41,7 @@ class _StudentCode(nn.Module):
     def __init__(self, code: RotQCode) -> None:
         super().__init__()
         q = unpack_bits(code.wq, code.bits, code.cols)
-        self.unit = mx.array(np.asarray(code.codebook, np.float32)[q])  # (rows, cols)
+        self.unit = mx.array(unit_values(q, code.codebook, code.bits, code.trellis))  # (rows, cols)
         self.s0 = mx.array(code.group_scales())
         self.gain = mx.zeros(self.s0.shape, mx.float32)
         self.top = None if code.row_scale is None else mx.array(code.row_scale.astype(np.float32))[:, None]

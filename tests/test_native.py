@@ -195,18 +195,21 @@ def _codebook_bound(code, x: np.ndarray) -> np.ndarray:
 
 
 @needs_native
+@pytest.mark.parametrize("trellis", [False, True])
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6])
-def test_codebook_product_against_float64_and_alone_vs_batched(bits: int, monkeypatch):
-    """The rotated Gaussian codes' product on the integer GEMM (any token count): within its rounding bound of
-    float64 and of the MLX path, the same bits on 1 and 2 threads, and a token's outputs the same bits alone as
-    inside a batch of 40 (what a continuous batch needs)."""
+def test_codebook_product_against_float64_and_alone_vs_batched(bits: int, trellis: bool, monkeypatch):
+    """The rotated Gaussian codes' product on the integer GEMM (any token count), scalar and trellis codes:
+    within its rounding bound of float64 and of the MLX path, the same bits on 1 and 2 threads, and a token's
+    outputs the same bits alone as inside a batch of 40 (what a continuous batch needs)."""
     from mmt_mlx.fgs.encoders.gauss_codes import decode_rotated, encode_rotq
 
     if not native.codebook_enabled(64):
         pytest.skip("this CPU has no integer kernels: the MLX path serves the codebook codes")
     rng = np.random.default_rng(bits)
-    for rows, cols, group in [(37, 192, 64), (20, 256, 128), (33, 96, 32)]:
-        code = encode_rotq(rng.standard_normal((rows, cols)).astype(np.float32), bits, group, seed=3)
+    shapes = [(37, 192, 64), (20, 256, 128), (33, 96, 32)] + ([(1, 64, 32), (530, 64, 64)] if trellis else [])
+    for rows, cols, group in shapes:
+        w = rng.standard_normal((rows, cols)).astype(np.float32)
+        code = encode_rotq(w, bits, group, seed=3, trellis=trellis)
         wr = decode_rotated(code).astype(np.float64)
         args = (
             mx.array(code.wq),

@@ -252,11 +252,22 @@ def test_cli_bpw_and_its_errors(tiny_gguf, tmp_path, capsys):
     assert "--bpw must be" in capsys.readouterr().err
     assert main(["convert", path, "-o", str(tmp_path / "b"), "--bpw", "3", "--tau", "0.01"]) == 1
     assert "one of --tau, --preset, --bpw" in capsys.readouterr().err
+    assert main(["convert", path, "-o", str(tmp_path / "b"), "--codes", "scalar", "--tau", "0.01"]) == 1
+    assert "--codes chooses the rotated Gaussian codes" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     out = tmp_path / "c"
     assert main(["convert", path, "-o", str(out), "--preset", "rot3", "--no-eval", "--json"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["preset"] == "rot3" and report["bits_per_weight"] <= 3.25
+    assert "trellis" in report["method"]  # the default codes
+    assert all(k.startswith("tcq") for c in report["classes"].values() for k in c["levels"])
+    out = tmp_path / "d"
+    assert (
+        main(["convert", path, "-o", str(out), "--bpw", "3.25", "--codes", "scalar", "--no-eval", "--json"])
+        == 0
+    )
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert all(k.startswith("rotq") for c in report["classes"].values() for k in c["levels"])
 
 
 def test_scale_refit_lowers_the_weighted_error():

@@ -492,7 +492,7 @@ void matvec(const AffineWeights& w, const RowReader& rd, const float* x, float* 
   }
 }
 
-using IntGemm = void (*)(const AffineWeights&, const float*, float*, int, const int16_t*, float);
+using IntGemm = void (*)(const AffineWeights&, const float*, float*, int, const int16_t*, float, bool);
 
 // The integer GEMM for these codes on this CPU, or nullptr.
 IntGemm pick_int_gemm(int bits) {
@@ -641,23 +641,24 @@ void affine_dequantize(const AffineWeights& w, float* out) {
 bool affine_int_gemm(const AffineWeights& w, const float* x, float* y, int tokens) {
   const IntGemm k = pick_int_gemm(w.bits);
   if (!k || w.group % 32 != 0) return false;
-  if (w.rows > 0 && tokens > 0) k(w, x, y, tokens, nullptr, 0.f);
+  if (w.rows > 0 && tokens > 0) k(w, x, y, tokens, nullptr, 0.f, false);
   return true;
 }
 
 bool int_gemm_available(int bits) { return pick_int_gemm(bits) != nullptr; }
 
-bool codebook_int_gemm(const AffineWeights& w, const float* codebook, const float* x, float* y, int tokens) {
+bool codebook_int_gemm(const AffineWeights& w, const float* codebook, const float* x, float* y, int tokens,
+                       bool trellis) {
   const IntGemm k = pick_int_gemm(w.bits);
-  if (!k || w.group % 32 != 0) return false;
+  if (!k || w.group % 32 != 0 || (trellis && w.bits > 6)) return false;
   // the levels on an integer grid of step max|level| / 2047 (each within 2.5e-4 of the largest: int_gemm.inc)
-  const int levels = 1 << w.bits;
+  const int levels = (trellis ? 4 : 1) << w.bits;
   float m = 0.f;
   for (int i = 0; i < levels; ++i) m = std::max(m, std::fabs(codebook[i]));
   const float step = m > 0.f ? m / float(vnni::kCodebookLevelMax) : 1.f;
   int16_t lut[256] = {};
   for (int i = 0; i < levels; ++i) lut[i] = int16_t(std::lrintf(codebook[i] / step));
-  if (w.rows > 0 && tokens > 0) k(w, x, y, tokens, lut, step);
+  if (w.rows > 0 && tokens > 0) k(w, x, y, tokens, lut, step, trellis);
   return true;
 }
 

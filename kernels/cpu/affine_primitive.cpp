@@ -107,8 +107,8 @@ mx::array codebook_matmul_op(const mx::array& x, const mx::array& wq, const mx::
   if (!int_gemm_available(bits) || group_size % 32 != 0)
     throw std::invalid_argument("codebook_matmul: needs the integer kernels (AVX2) and groups of 32, 64 or 128");
   check_affine("codebook_matmul", x.shape(-1), wq, scales, scales, group_size, bits);  // no biases: scales twice
-  if (codebook.ndim() != 1 || codebook.shape(0) != (1 << bits))
-    throw std::invalid_argument("codebook_matmul: the codebook must hold 2^bits levels");
+  if (codebook.ndim() != 1 || (codebook.shape(0) != (1 << bits) && codebook.shape(0) != (4 << bits)))
+    throw std::invalid_argument("codebook_matmul: the codebook must hold 2^bits levels (4 x 2^bits: trellis codes)");
   auto stream = mx::to_stream(s);
   const auto sdt = scales.dtype() == mx::float16 ? mx::float16 : mx::float32;
   mx::Shape out_shape = x.shape();
@@ -132,7 +132,8 @@ void CodebookMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& o
                 b = bits_]() mutable {
     const bool half = scales.dtype() == mx::float16;
     AffineWeights w{wq.data<uint32_t>(), scales.data<void>(), nullptr, rows, cols, b, g, half};
-    if (!codebook_int_gemm(w, cb.data<float>(), x.data<float>(), out.data<float>(), tokens))
+    const bool trellis = cb.size() == (size_t{4} << b);
+    if (!codebook_int_gemm(w, cb.data<float>(), x.data<float>(), out.data<float>(), tokens, trellis))
       throw std::runtime_error("codebook_matmul: this CPU has no integer kernels (the MLX-ops path serves it)");
   });
 }

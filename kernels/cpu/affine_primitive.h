@@ -32,7 +32,8 @@ class AffineMatmul : public mx::UnaryPrimitive {
 };
 
 // y (..., rows) = x (..., cols) @ W.T for codebook codes (the rotated Gaussian codes, x already rotated):
-// W[r][j] = scales[r][g] * codebook[code], codes packed as MLX's affine layout packs them. Needs the integer
+// W[r][j] = scales[r][g] * codebook[code], codes packed as MLX's affine layout packs them; a codebook of 4 x 2^bits
+// levels holds trellis codes (codebook[state << bits | code], affine_kernels.h). Needs the integer
 // kernels (codebook_int_gemm); the caller checks `isa()` and otherwise keeps the MLX-ops path.
 mx::array codebook_matmul_op(const mx::array& x, const mx::array& wq, const mx::array& scales,
                              const mx::array& codebook, int group_size, int bits, mx::StreamOrDevice s = {});

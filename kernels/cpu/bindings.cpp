@@ -1,5 +1,6 @@
 // Python bindings of the native CPU kernels (module mmt_mlx._native); mmt_mlx/native.py is the only user.
 #include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
@@ -18,6 +19,7 @@
 #include "norm_rope.h"
 #include "rotation.h"
 #include "sampling.h"
+#include "trellis.h"
 #include "mlx/version.h"
 
 namespace nb = nanobind;
@@ -75,6 +77,21 @@ NB_MODULE(_native, m) {
       "sandwich"_a, "position"_a, "cached"_a, "window"_a, "write_cache"_a = false,
       "gauss"_a = std::vector<bool>{}, "stream"_a = nb::none(),
       "One decoder layer for one token in one CPU primitive: returns [h, k, v] (the token's key and value).");
+  m.def(
+      "tcq_quantize",
+      [](nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> t,
+         nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> w,
+         nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> lut, int bits, int state0,
+         nb::ndarray<uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> out) {
+        const int64_t n = static_cast<int64_t>(t.shape(0));
+        if (bits < 1 || bits > 8 || static_cast<int64_t>(lut.shape(0)) != (int64_t{4} << bits) ||
+            static_cast<int64_t>(w.shape(0)) != n || static_cast<int64_t>(out.shape(0)) != n)
+          throw std::invalid_argument("tcq_quantize: t, w and out need one length, lut 4 << bits entries");
+        nb::gil_scoped_release release;
+        mmt::tcq_quantize(t.data(), w.data(), n, lut.data(), bits, state0, out.data());
+      },
+      "t"_a, "w"_a, "lut"_a, "bits"_a, "state0"_a, "out"_a,
+      "Trellis-coded quantization of one sequence (Viterbi, kernels/cpu/trellis.h) into out (uint8).");
   m.def("set_layer_profile", &mmt::set_layer_profile, "on"_a, "Time the fused layers' sections (off by default).");
   m.def("take_layer_profile", &mmt::take_layer_profile,
         "[products, attention, rest] ms and the layer count since the last call; resets them.");

@@ -36,6 +36,9 @@ RotQCode (Gaussian codes in an FFT-rotated basis; ``encoders/gauss_codes.py``, `
     R x = irfft(rfft(signs * x) * phase); product: y = Wr (R x). q packed as a little-endian bit stream.
     Group scales either f16 (``row_scale`` None), or log-scale codes: ``scales`` uint8 k and one f16
     ``row_scale`` r per row, scale = r * 2**(-k / LOG_SCALE_STEPS) in f32 (8 bits per group instead of 16).
+    ``trellis`` 2 (trellis-coded, ``encoders/trellis.py``): codebook is a lut of 4 << bits values and a code's
+    value is codebook[(s << bits) | q[i, j]] with s = ((q[i-2, j] & 1) << 1) | (q[i-1, j] & 1), the low bits of
+    the two codes above it in its column (0 above row 0); trellis 0: codebook[q[i, j]].
 """
 
 from __future__ import annotations
@@ -94,10 +97,11 @@ class RotQCode:
     bits: int
     group_size: int
     seed: int
-    codebook: np.ndarray  # (2**bits,) float32, sorted
+    codebook: np.ndarray  # (2**bits,) float32, sorted; with trellis 2 the (4 << bits,) lut
     wq: np.ndarray  # (rows, cols * bits / 32) uint32 packed code indices
     scales: np.ndarray  # (rows, cols // group_size) float16, or uint8 log-scale codes with row_scale
     row_scale: np.ndarray | None = None  # (rows,) float16: the top of each row's log-scale grid
+    trellis: int = 0  # 0: scalar codes; 2: trellis-coded (a value depends on the codes of the two rows above)
     kind: str = "rotq"
 
     def group_scales(self, rows: slice | None = None) -> np.ndarray:

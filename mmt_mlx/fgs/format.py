@@ -29,7 +29,8 @@ from mmt_mlx.fgs.codes import CirculantCode, GaussianCode, Level, MetaCode, Quan
 
 FORMAT = "mmt-fgs"
 FORMAT_VERSION = 2  # what is written; 2 added the rotq level's log-scale codes (``row_scale``)
-READABLE_VERSIONS = (1, 2)
+TRELLIS_VERSION = 3  # written instead where a rotq level is trellis-coded (older readers refuse it cleanly)
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
 CODES = "codes.safetensors"
 
@@ -64,6 +65,8 @@ class _Writer:
 def _level_entry(w: _Writer, prefix: str, lv: Level) -> dict:
     entry: dict[str, Any] = {"kind": lv.kind}
     entry.update({p: getattr(lv, p) for p in _PARAMS[lv.kind]})
+    if isinstance(lv, RotQCode) and lv.trellis:
+        entry["trellis"] = lv.trellis
     arrays = {}
     for f in _FIELDS[lv.kind]:
         value = getattr(lv, f)
@@ -111,8 +114,9 @@ def save_fgs_model(
         save_file(w.arrays, str(tmp / CODES))
         for fname, data in tokenizer_files.items():
             (tmp / fname).write_bytes(data)
+        trellis = any(getattr(lv, "trellis", 0) for tc in codes.values() for lv in tc.levels)
         manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "arch": arch, "config": config,
+            "format": FORMAT, "format_version": TRELLIS_VERSION if trellis else FORMAT_VERSION, "arch": arch, "config": config,
             "tokenizer": tokenizer, "tensors": tensors, "raw": raw_entries, "report": report,
         }  # fmt: skip
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -147,8 +151,11 @@ def _level(arrays, e: dict, where: str) -> Level:
     if kind == "quant":
         return QuantCode(**params, wq=got["wq"], scales=got["scales"], biases=got["biases"])
     if kind == "rotq":
+        trellis = e.get("trellis", 0)
+        if trellis not in (0, 2):
+            raise ModelFormatError(f"{where}: unknown trellis {trellis!r} (this mmt reads 0 and 2)")
         return RotQCode(**params, codebook=got["codebook"], wq=got["wq"], scales=got["scales"],
-                        row_scale=got.get("row_scale"))  # fmt: skip
+                        row_scale=got.get("row_scale"), trellis=trellis)  # fmt: skip
     if kind == "circulant":
         return CirculantCode(**params, spec_re=got["spec_re"], spec_im=got["spec_im"])
     if "amp_meta" in e:

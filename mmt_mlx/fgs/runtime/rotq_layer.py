@@ -78,6 +78,7 @@ class RotQLevel(nn.Module):
         super().__init__()
         self.rows, self.cols = code.rows, code.cols
         self.bits, self.group_size = code.bits, code.group_size
+        self.trellis = code.trellis  # trellis codes: a value depends on the codes of the two rows above it
         self.use_kernel = use_kernel  # no GPU kernel yet: GPUs run the reference path, CPUs the native one
         self.rotation = Rotation(code.cols, code.seed)
         self.codebook = mx.array(np.asarray(code.codebook, np.float32))
@@ -88,28 +89,59 @@ class RotQLevel(nn.Module):
         self._zero = mx.zeros((1, ng), mx.float32)
         self.tile = max(1, min(self.rows, _TILE_ELEMS // max(1, self.cols)))
 
-    def _decode(self, wq: mx.array, scales: mx.array) -> mx.array:
-        """Rotated weight rows (n, cols) f32 of packed codes (n, words) and their scales (n, groups)."""
+    def _codes(self, wq: mx.array) -> mx.array:
+        """Code indices (n, cols) uint32 of packed rows (n, words)."""
         n = wq.shape[0]
         ones = mx.broadcast_to(self._unit, (n, self._unit.shape[1]))
         zeros = mx.broadcast_to(self._zero, (n, self._zero.shape[1]))
         q = mx.dequantize(wq, ones, zeros, group_size=self.group_size, bits=self.bits)
-        v = mx.take(self.codebook, q.astype(mx.uint32))
+        return q.astype(mx.uint32)
+
+    def _decode(self, q: mx.array, scales: mx.array, state: mx.array | None = None) -> mx.array:
+        """Rotated weight rows (n, cols) f32 of codes q (n, cols), their scales (n, groups) and, for trellis
+        codes, each code's state (n, cols)."""
+        n = q.shape[0]
+        idx = q if state is None else (state << self.bits) | q
+        v = mx.take(self.codebook, idx)
         g = self.group_size
         return (v.reshape(n, -1, g) * scales[:, :, None]).reshape(n, self.cols)
 
+    def _tile_state(self, q: mx.array, a: int) -> mx.array | None:
+        """States of the codes q of rows [a, a + n): the low bits of the two rows above each (codes.py)."""
+        if not self.trellis:
+            return None
+        above = self._codes(self.wq[max(0, a - 2) : a]) & 1 if a > 0 else mx.zeros((0, self.cols), mx.uint32)
+        if above.shape[0] < 2:
+            above = mx.concatenate([mx.zeros((2 - above.shape[0], self.cols), mx.uint32), above])
+        x = mx.concatenate([above, q & 1])
+        return (x[:-2] << 1) | x[1:-1]
+
     def __call__(self, x: mx.array) -> mx.array:
         xr = self.rotation.forward(x)
-        if native.codebook_enabled(self.group_size):  # the integer GEMM of kernels/cpu/int_gemm.inc
+        if native.codebook_enabled(
+            self.group_size
+        ):  # kernels/cpu/int_gemm.inc (a trellis lut: 4 << bits levels)
             return native.codebook_matmul(xr, self.wq, self.scales, self.codebook, self.group_size, self.bits)
         outs = []
         for a in range(0, self.rows, self.tile):
             b = min(self.rows, a + self.tile)
-            w = self._decode(self.wq[a:b], self.scales[a:b])
+            q = self._codes(self.wq[a:b])
+            w = self._decode(q, self.scales[a:b], self._tile_state(q, a))
             outs.append(xr @ w.T)
         return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-1)
 
     def decode_rows(self, ids: mx.array) -> mx.array:
         """Rows ``ids`` of W (n, cols) f32: decoded in the rotated basis, then un-rotated."""
-        wr = self._decode(mx.take(self.wq, ids, axis=0), mx.take(self.scales, ids, axis=0))
+        q = self._codes(mx.take(self.wq, ids, axis=0))
+        state = None
+        if self.trellis:  # the low bits of rows ids - 2 and ids - 1 (zero above row 0)
+            ids = ids.astype(mx.int32)
+            x = [
+                mx.where(
+                    (ids >= d)[:, None], self._codes(mx.take(self.wq, mx.maximum(ids - d, 0), axis=0)) & 1, 0
+                )
+                for d in (2, 1)
+            ]
+            state = (x[0] << 1) | x[1]
+        wr = self._decode(q, mx.take(self.scales, ids, axis=0), state)
         return self.rotation.inverse(wr)
