@@ -115,8 +115,9 @@ def save_fgs_model(
         for fname, data in tokenizer_files.items():
             (tmp / fname).write_bytes(data)
         trellis = any(getattr(lv, "trellis", 0) for tc in codes.values() for lv in tc.levels)
+        version = TRELLIS_VERSION if trellis else FORMAT_VERSION
         manifest = {
-            "format": FORMAT, "format_version": TRELLIS_VERSION if trellis else FORMAT_VERSION, "arch": arch, "config": config,
+            "format": FORMAT, "format_version": version, "arch": arch, "config": config,
             "tokenizer": tokenizer, "tensors": tensors, "raw": raw_entries, "report": report,
         }  # fmt: skip
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))

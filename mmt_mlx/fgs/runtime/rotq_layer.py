@@ -118,9 +118,8 @@ class RotQLevel(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         xr = self.rotation.forward(x)
-        if native.codebook_enabled(
-            self.group_size
-        ):  # kernels/cpu/int_gemm.inc (a trellis lut: 4 << bits levels)
+        # the integer GEMM of kernels/cpu/int_gemm.inc, scalar or trellis codes (a lut of 4 << bits levels)
+        if native.codebook_enabled(self.group_size):
             return native.codebook_matmul(xr, self.wq, self.scales, self.codebook, self.group_size, self.bits)
         outs = []
         for a in range(0, self.rows, self.tile):
