@@ -121,6 +121,10 @@ def cmd_convert(a: argparse.Namespace) -> int:
         raise MmtError("--distill must be >= 0 (steps)")
     if a.codes is not None and a.bpw is None:
         raise MmtError("--codes chooses the rotated Gaussian codes: give it with --bpw or a rot preset")
+    if a.vocab_rows is not None and a.bpw is None:
+        raise MmtError(
+            "--vocab-rows chooses how rotated Gaussian codes spend bits: give it with --bpw or a rot preset"
+        )
     out = Path(a.output)
     if out.exists() and not a.force:
         raise MmtError(f"{out} already exists (use --force to replace an FGS model there)")
@@ -130,7 +134,8 @@ def cmd_convert(a: argparse.Namespace) -> int:
 
         report = convert_bpw(src, out, a.bpw, overwrite=a.force, progress=not a.json, source_name=name,
                              preset=getattr(a, "preset_bpw", None), distill_steps=a.distill,
-                             trellis=(a.codes or "trellis") == "trellis")  # fmt: skip
+                             trellis=(a.codes or "trellis") == "trellis",
+                             row_bands=(a.vocab_rows or "bands") == "bands")  # fmt: skip
     else:
         report = convert(src, out, tau=a.tau, preset=a.preset, calibrate=not a.no_calibrate, allowed=allowed,
                          overwrite=a.force, progress=not a.json, source_name=name,
@@ -233,6 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("trellis", "scalar"),
         default=None,
         help="with --bpw: trellis-coded (default) or scalar Lloyd-Max Gaussian codes",
+    )
+    c.add_argument(
+        "--vocab-rows",
+        choices=("bands", "whole"),
+        default=None,
+        help="with --bpw: embedding/LM-head rows in bands by how often the calibration text uses their tokens, "
+        "frequent ones at more bits (default), or every row at one width (for text unlike the calibration text)",
     )
     c.add_argument("--no-eval", action="store_true", help="skip the held-out perplexity check")
     c.add_argument("--force", action="store_true", help="replace an existing FGS model at the output")

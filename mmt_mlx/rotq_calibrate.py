@@ -14,7 +14,7 @@ a calibration chunk. KL per unit of relative output error is the bucket's price,
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from importlib import resources
 
 import mlx.core as mx
@@ -62,8 +62,13 @@ class _CovRecorder(InputRecorder):
         self.pool["_last"] = (x, self.name)
 
 
-def input_covariances(model: nn.Module, chunks: Iterable[list[int]]) -> tuple[dict, dict]:
-    """({weight name: covariance key}, {covariance key: mean X^T X float64}) over the calibration chunks."""
+def input_covariances(
+    model: nn.Module,
+    chunks: Iterable[list[int]],
+    on_logits: Callable[[list[int], mx.array], None] | None = None,
+) -> tuple[dict, dict]:
+    """({weight name: covariance key}, {covariance key: mean X^T X float64}) over the calibration chunks;
+    ``on_logits(chunk, logits)`` sees the model's output on each chunk."""
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
     pool: dict = {"h": {}, "n": {}, "key": {}, "_last": None}
     recorders = {n: _CovRecorder(m, n, pool) for n, m in targets}
@@ -71,13 +76,42 @@ def input_covariances(model: nn.Module, chunks: Iterable[list[int]]) -> tuple[di
     try:
         for part in chunks:
             pool["_last"] = None
-            model(mx.array(part)[None], model.make_cache())
+            logits = model(mx.array(part)[None], model.make_cache())
             pool["_last"] = None
+            if on_logits is not None:
+                on_logits(part, logits[0])
     finally:
         model.update_modules(tree_unflatten([(n, r.inner) for n, r in recorders.items()]))
     covs = {k: np.asarray(h, dtype=np.float64) / max(pool["n"][k], 1) for k, h in pool["h"].items()}
     keys = {f"{n}.weight": f"{k}.weight" for n, k in pool["key"].items()}
     return keys, {f"{k}.weight": v for k, v in covs.items()}
+
+
+class TokenImportance:
+    """How much each vocabulary row (embedding, LM head) matters: the mean of the dense model's next-token
+    probability over the calibration positions (a head row's error costs KL in proportion to its token's
+    probability) and the token's share of the text (an embedding row is read when its token occurs), averaged.
+    Pass it as ``input_covariances``' ``on_logits``."""
+
+    def __init__(self) -> None:
+        self.p: np.ndarray | None = None
+        self.count: np.ndarray | None = None
+        self.n = 0
+
+    def __call__(self, part: list[int], logits: mx.array) -> None:
+        p = mx.sum(mx.softmax(logits.astype(mx.float32), axis=-1), axis=0)
+        if self.p is None:
+            self.p = np.zeros(logits.shape[-1], np.float64)
+            self.count = np.zeros(logits.shape[-1], np.float64)
+        self.p += np.asarray(p, np.float64)
+        np.add.at(self.count, np.asarray(part, np.int64), 1.0)
+        self.n += len(part)
+
+    def weights(self) -> np.ndarray:
+        """(vocab,) non-negative weights summing to 1."""
+        if self.p is None:
+            raise ValueError("no calibration logits were seen")
+        return 0.5 * (self.p + self.count) / self.n
 
 
 def seed_of(cov_key: str) -> int:

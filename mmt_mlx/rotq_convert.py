@@ -4,7 +4,10 @@
    of output error of each bucket (tensor class x first/middle/last layer; the embedding).
 2. Screening: every tensor's relative output error at 3 bits with GPTQ in each candidate group size, on a row
    sample (rows are independent given H); other widths follow from the Lloyd-Max distortion of N(0, 1) at each
-   width.
+   width. Vocabulary rows (embedding, LM head) are cut into row bands by token importance (``TokenImportance``:
+   the dense model's mean next-token probability and the token's share of the calibration text), each band
+   priced by its share of the importance-weighted output energy, so that frequent tokens' rows can buy more bits
+   than the long tail of rare ones (``--vocab-rows whole`` codes them at one width).
 3. Budget: the byte budget is B x parameters / 8 minus what is stored raw; every tensor starts at its cheapest
    (bits, group) and the step with the most predicted KL saved per byte is bought until the budget is spent.
 4. Encoding: each tensor at its width with GPTQ in the rotated basis; the real errors go in the report.
@@ -21,7 +24,7 @@ import time
 import numpy as np
 
 from mmt_mlx.errors import MmtError
-from mmt_mlx.fgs.codes import TensorCode
+from mmt_mlx.fgs.codes import TensorCode, row_mask
 from mmt_mlx.fgs.encoders.gauss_codes import (
     CODE_BITS,
     decode_rotq,
@@ -35,6 +38,7 @@ from mmt_mlx.fgs.encoders.gauss_codes import (
 from mmt_mlx.fgs.encoders.rotation import rotate_covariance
 from mmt_mlx.fgs.encoders.trellis import tcq_distortion
 from mmt_mlx.rotq_calibrate import (
+    TokenImportance,
     bucket_kl,
     bucket_of,
     calibration_chunks,
@@ -53,7 +57,39 @@ TRELLIS = True  # trellis-coded (encoders/trellis.py) instead of scalar Lloyd-Ma
 CALIB_TOKENS = 8192
 DISTILL_TOKENS = 1 << 20  # distillation windows: all of the shipped calibration text (~27,000 tokens)
 SCREEN_ROWS = 128
+# vocabulary rows (embedding, LM head) in bands by token importance, most important first, each at its own width:
+# the top 2% of Gemma 3's 262,144 tokens hold 91% of the calibration text's next-token probability
+ROW_BANDS = (0.01, 0.03, 0.12, 0.24, 0.60)
+MIN_BAND_ROWS = 4096
+VOCAB_CLASSES = ("embed_tokens", "lm_head")
 SCREEN_BITS = 3
+
+
+def row_band_ids(weight: np.ndarray, fractions: tuple[float, ...] = ROW_BANDS) -> list[np.ndarray]:
+    """Rows ordered by ``weight`` (largest first) and cut into bands of the given shares of the rows; each band's
+    rows ascending (int32)."""
+    order = np.argsort(-np.asarray(weight), kind="stable")
+    cuts = np.rint(np.cumsum(fractions) / sum(fractions) * len(order)).astype(int)
+    starts = np.concatenate([[0], cuts[:-1]])
+    return [np.sort(order[a:b]).astype(np.int32) for a, b in zip(starts, cuts) if b > a]
+
+
+def band_errors(w: np.ndarray, tc: TensorCode, h: np.ndarray | None) -> list[float]:
+    """Relative output error after each level of a rotq tensor code (``TensorCode.errors``): one level, or row
+    bands filled in one after another (rows not yet filled count as zero)."""
+    rows = [lv.row_ids() for lv in tc.levels]
+    if rows[0] is None:
+        return [output_error(w, decode_rotq(tc.levels[0]), h)]
+    w64 = np.asarray(w, np.float64)
+    hm = np.eye(w.shape[1]) if h is None else h
+    energy, err = [], []
+    for lv, ids in zip(tc.levels, rows):
+        wb = w64[ids]
+        d = wb - decode_rotq(lv)
+        energy.append(float(((wb @ hm) * wb).sum()))
+        err.append(float(((d @ hm) * d).sum()))
+    total = max(sum(energy), 1e-300)
+    return [(sum(err[: k + 1]) + sum(energy[k + 1 :])) / total for k in range(len(rows))]
 
 
 def gaussian_distortion(bits: int) -> float:
@@ -70,6 +106,24 @@ def _sample_rows(rows: int, n: int, seed: int = 0) -> np.ndarray:
     if rows <= n:
         return np.arange(rows)
     return np.sort(np.random.default_rng(seed).choice(rows, n, replace=False))
+
+
+def _screen(t: dict, ids: np.ndarray | None, share: float) -> dict:
+    """The planner's item for tensor ``t["w"]`` (rows ``ids``, or all): predicted KL per (bits, group) from the
+    GPTQ error at SCREEN_BITS on a row sample, scaled by the Gaussian distortion ratio, times the KL price of
+    its bucket and the rows' ``share`` of it."""
+    w, h, dist = t["w"], t["h"], t["dist"]
+    rows = w.shape[0] if ids is None else len(ids)
+    sample = _sample_rows(rows, SCREEN_ROWS)
+    ws = w[sample] if ids is None else w[ids[sample]]
+    cost = {}
+    for g in t["groups"]:
+        code = encode_rotq(ws, SCREEN_BITS, g, t["seed"], t["hr"], rotated_h=True, factor=t["u"],
+                           log_scales=t["log_scales"], trellis=t["trellis"])  # fmt: skip
+        e3 = output_error(ws, decode_rotq(code), h)
+        cost.update({(b, g): share * t["price"] * e3 * dist[b] / dist[SCREEN_BITS] for b in CODE_BITS})
+    return {"tensor": t["tensor"], "ids": ids, "rows": rows, "cols": w.shape[1], "cost": cost,
+            "use_h": t["use_h"], "key": t["key"]}  # fmt: skip
 
 
 def _tensor_cov(name: str, keys: dict, covs: dict) -> tuple[str | None, np.ndarray | None]:
@@ -151,10 +205,12 @@ def encode_bpw(
     groups: tuple[int, ...] = GROUPS,
     log_scales: bool = LOG_SCALES,
     trellis: bool = TRELLIS,
+    row_bands: bool = True,
 ) -> dict:
     """Encode every 2-D weight as a rotq level so the stored model has <= ``bpw`` bits per weight
     (``groups``: the group sizes the planner may choose; ``log_scales``: 8-bit log-scale codes, else f16;
-    ``trellis``: trellis-coded instead of scalar Gaussian codes)."""
+    ``trellis``: trellis-coded instead of scalar Gaussian codes; ``row_bands``: vocabulary rows in bands of their
+    own widths by token importance, else coded whole)."""
     from tqdm import tqdm
 
     from mmt_mlx.build import model_from_source
@@ -174,7 +230,8 @@ def encode_bpw(
     lm = model_from_source(src, source_name or "source")
     ctx = min(512, int(src.config.get("max_position_embeddings", 512)))
     chunks = calibration_chunks(lm.tokenizer, calib_tokens, ctx)
-    keys, covs = input_covariances(lm.model, chunks)
+    importance = TokenImportance() if row_bands else None
+    keys, covs = input_covariances(lm.model, chunks, on_logits=importance)
     n_layers = 1 + max((int(k.split(".")[k.split(".").index("layers") + 1]) for k in matrices if "layers" in k.split(".")), default=0)  # fmt: skip
     buckets: dict[str, list[str]] = {}
     for n in matrices:
@@ -192,51 +249,64 @@ def encode_bpw(
     t_cal = time.perf_counter() - t0
 
     # 2. screening: GPTQ error at SCREEN_BITS per group size on a row sample, other widths by the Gaussian
-    # distortion ratio
+    # distortion ratio; vocabulary rows in bands by token importance, each band priced by its share
     fac = _Factors(covs, damp)
     dist = {b: tcq_distortion(b) if trellis else gaussian_distortion(b) for b in CODE_BITS}
     items: dict[str, dict] = {}
+    parts: dict[str, list[str]] = {}  # tensor -> its items (one, or one per row band)
+    whole: dict[str, dict] = {}  # banded tensors screened whole too: the plan that sets each band's floor
+    omega = importance.weights() if importance is not None else None
     for n, w in matrices.items():
         key, h = _tensor_cov(n, keys, covs)
         use_h = h is not None and (embed_gptq or "embed" not in n)
         hr, u = fac.get(key, seeds[n]) if use_h else (None, None)
-        idx = _sample_rows(w.shape[0], SCREEN_ROWS)
-        ws = w[idx]
         b = bucket_of(n, n_layers)
         price = kl[b] / max(sum(rtn_err[m] for m in buckets[b]), 1e-30)  # KL per unit of output error
-        cost = {}
-        for g in groups:
-            code = encode_rotq(
-                ws,
-                SCREEN_BITS,
-                g,
-                seeds[n],
-                hr,
-                rotated_h=True,
-                factor=u,
-                log_scales=log_scales,
-                trellis=trellis,
-            )
-            e3 = output_error(ws, decode_rotq(code), h)
-            cost.update({(bb, g): price * e3 * dist[bb] / dist[SCREEN_BITS] for bb in CODE_BITS})
-        items[n] = {"rows": w.shape[0], "cols": w.shape[1], "cost": cost, "use_h": use_h, "key": key}
-    choice = allocate(items, budget, log_scales, trellis)
+        t = {"tensor": n, "w": w, "h": h, "hr": hr, "u": u, "seed": seeds[n], "price": price, "use_h": use_h,
+             "key": key, "groups": groups, "dist": dist, "log_scales": log_scales, "trellis": trellis}  # fmt: skip
+        vocab_rows = omega is not None and tensor_class(n) in VOCAB_CLASSES and w.shape[0] == len(omega)
+        if not (vocab_rows and w.shape[0] >= MIN_BAND_ROWS):
+            items[n], parts[n] = _screen(t, None, 1.0), [n]
+            continue
+        whole[n] = _screen(t, None, 1.0)
+        wh = w if h is None else w @ h.astype(np.float32)
+        weighted = omega * np.einsum("ij,ij->i", wh, w, dtype=np.float64)  # importance x output energy
+        parts[n] = []
+        for k, ids in enumerate(row_band_ids(omega)):
+            items[f"{n}#{k}"] = _screen(t, ids, float(weighted[ids].sum() / max(weighted.sum(), 1e-300)))
+            parts[n].append(f"{n}#{k}")
+    if whole:  # no band below the width its tensor gets when coded whole: rows of tokens the calibration text
+        # rarely uses (code, other languages) lose nothing against the whole-tensor plan
+        plan = allocate(
+            {k: v for k, v in items.items() if v["ids"] is None} | whole, budget, log_scales, trellis
+        )
+        for n in whole:
+            for name in parts[n]:
+                items[name]["cost"] = {o: c for o, c in items[name]["cost"].items() if o[0] >= plan[n][0]}
+    masks = sum(len(parts[n]) * ((w.shape[0] + 7) // 8) for n, w in matrices.items() if len(parts[n]) > 1)
+    choice = allocate(items, budget - masks, log_scales, trellis)
     t_screen = time.perf_counter() - t0
 
     # 3. encoding
     codes: dict[str, TensorCode] = {}
     bar = tqdm(matrices.items(), desc="encoding", unit="tensor", disable=not progress, leave=False)
     for n, w in bar:
-        it = items[n]
-        hr, u = fac.get(it["key"], seeds[n]) if it["use_h"] else (None, None)
-        bits, g = choice[n]
-        code = encode_rotq(
-            w, bits, g, seeds[n], hr, rotated_h=True, factor=u, log_scales=log_scales, trellis=trellis
-        )
+        levels = []
+        for name in parts[n]:
+            it = items[name]
+            hr, u = fac.get(it["key"], seeds[n]) if it["use_h"] else (None, None)
+            bits, g = choice[name]
+            ids = it["ids"]
+            code = encode_rotq(
+                w if ids is None else w[ids], bits, g, seeds[n], hr, rotated_h=True, factor=u,
+                log_scales=log_scales, trellis=trellis,
+            )  # fmt: skip
+            if ids is not None:
+                code.row_mask, code.tensor_rows = row_mask(ids, w.shape[0]), w.shape[0]
+            levels.append(code)
         _, h = _tensor_cov(n, keys, covs)
-        err = output_error(w, decode_rotq(code), h)
-        codes[n] = TensorCode(tuple(w.shape), [code], [err], None)
-        it["err"], it["bits"] = err, bits
+        codes[n] = TensorCode(tuple(w.shape), levels, [], None)
+        codes[n].errors = band_errors(w, codes[n], h)
     t_enc = time.perf_counter() - t0
     distilled = None
     if distill_steps > 0:  # 5. optional: the group scales tuned against the dense model's distribution
@@ -248,10 +318,9 @@ def encode_bpw(
         )  # fmt: skip
         for n, w in matrices.items():  # the report states the errors of the stored codes
             _, h = _tensor_cov(n, keys, covs)
-            codes[n].errors = [output_error(w, decode_rotq(codes[n].levels[0]), h)]
-            items[n]["err"] = codes[n].errors[0]
+            codes[n].errors = band_errors(w, codes[n], h)
     report = rotq_report(
-        src, codes, raw, items, kl, bpw, preset, time.perf_counter() - t0, t_cal, source_name
+        src, codes, raw, items, parts, kl, bpw, preset, time.perf_counter() - t0, t_cal, source_name
     )
     if distilled is not None:
         report["distill"] = distilled
@@ -262,21 +331,25 @@ def encode_bpw(
     return codes, raw, report
 
 
-def rotq_report(src, codes, raw, items, kl, bpw, preset, seconds, calib_seconds, source_name) -> dict:
-    """Per tensor class: levels kept (rotq<bits>g<group> counts, tcq<bits>g<group> for trellis codes), bytes, mean
-    output error, predicted KL."""
+def rotq_report(src, codes, raw, items, parts, kl, bpw, preset, seconds, calib_seconds, source_name) -> dict:
+    """Per tensor class: levels kept (rotq<bits>g<group> counts, tcq<bits>g<group> for trellis codes, a row band
+    counting as one), bytes, mean output error, predicted KL."""
     classes: dict[str, dict] = {}
     for name, tc in codes.items():
         c = classes.setdefault(tensor_class(name), {"tensors": 0, "params": 0, "bytes": 0, "levels": {},
                                                     "r2": {}, "errors": [], "predicted_kl": 0.0})  # fmt: skip
-        lv = tc.levels[0]
-        key = f"{'tcq' if lv.trellis else 'rotq'}{lv.bits}g{lv.group_size}"
         c["tensors"] += 1
         c["params"] += int(np.prod(tc.shape))
-        c["bytes"] += rotq_code_nbytes(lv)
-        c["levels"][key] = c["levels"].get(key, 0) + 1
-        c["errors"].append(tc.errors[0])
-        c["predicted_kl"] += items[name]["cost"][(lv.bits, lv.group_size)]
+        c["errors"].append(tc.errors[-1])
+        for lv, item in zip(tc.levels, parts[name]):
+            key = f"{'tcq' if lv.trellis else 'rotq'}{lv.bits}g{lv.group_size}"
+            c["bytes"] += rotq_code_nbytes(lv)
+            c["levels"][key] = c["levels"].get(key, 0) + 1
+            c["predicted_kl"] += items[item]["cost"][(lv.bits, lv.group_size)]
+        if len(tc.levels) > 1:
+            c["row_bands"] = [{"rows": lv.rows, "level": f"{'tcq' if lv.trellis else 'rotq'}{lv.bits}g{lv.group_size}",
+                               "bits_per_weight": round(8 * rotq_code_nbytes(lv) / (lv.rows * lv.cols), 3)}
+                              for lv in tc.levels]  # fmt: skip
     for c in classes.values():
         c["bits_per_weight"] = 8 * c["bytes"] / c["params"]
         c["r2"] = {"rotq": float(1 - np.mean(c["errors"]))}  # share of the output energy kept
@@ -285,7 +358,7 @@ def rotq_report(src, codes, raw, items, kl, bpw, preset, seconds, calib_seconds,
     raw_bytes = sum(int(a.nbytes) for a in raw.values())
     params = sum(c["params"] for c in classes.values()) + sum(int(a.size) for a in raw.values())
     total = coded + raw_bytes
-    trellis = any(tc.levels[0].trellis for tc in codes.values())
+    trellis = any(lv.trellis for tc in codes.values() for lv in tc.levels)
     codes_name = "4-state trellis-coded Gaussian codes" if trellis else "Gaussian Lloyd-Max codes"
     return {
         "source": source_name or src.path, "arch": src.arch, "tau": None, "bpw_target": bpw, "preset": preset,

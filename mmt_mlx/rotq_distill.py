@@ -24,10 +24,11 @@ import numpy as np
 from mlx.utils import tree_unflatten
 
 from mmt_mlx import native
-from mmt_mlx.fgs.codes import LOG_SCALE_STEPS, RotQCode, TensorCode
+from mmt_mlx.fgs.codes import LOG_SCALE_STEPS, RotQCode, TensorCode, row_bands
 from mmt_mlx.fgs.encoders.gauss_codes import log_scale_codes, unit_values
 from mmt_mlx.fgs.encoders.quant import unpack_bits
 from mmt_mlx.fgs.runtime.rotq_layer import Rotation
+from mmt_mlx.fgs.runtime.row_bands import band_order_inverse
 
 
 class _StudentCode(nn.Module):
@@ -80,10 +81,37 @@ class _StudentCode(nn.Module):
         return log_scale_codes(np.asarray(s), top), top
 
 
-class _StudentLinear(nn.Module):
-    def __init__(self, code: RotQCode, bias: mx.array | None) -> None:
+class _RowOrder:
+    """Where each band's rows go in the tensor (a plain object: not a parameter)."""
+
+    def __init__(self, tc: TensorCode) -> None:
+        self.inv = mx.array(band_order_inverse([lv.row_ids() for lv in tc.levels]))
+
+
+class _StudentTensor(nn.Module):
+    """A tensor's student: one ``_StudentCode``, or one per row band (``codes.row_bands``), whose rotated rows
+    are put back in the tensor's row order (every band shares the tensor's rotation)."""
+
+    def __init__(self, tc: TensorCode) -> None:
         super().__init__()
-        self.code = _StudentCode(code)
+        self.bands = [_StudentCode(lv) for lv in tc.levels]
+        self._order = _RowOrder(tc) if len(tc.levels) > 1 else None
+        self.rotation = self.bands[0].rotation
+
+    def rotated_weight(self, rows: mx.array | None = None) -> mx.array:
+        if self._order is None:
+            return self.bands[0].rotated_weight(rows)
+        w = mx.take(mx.concatenate([b.rotated_weight() for b in self.bands]), self._order.inv, axis=0)
+        return w if rows is None else mx.take(w, rows, axis=0)
+
+    def rotate(self, x: mx.array) -> mx.array:
+        return self.bands[0].rotate(x)
+
+
+class _StudentLinear(nn.Module):
+    def __init__(self, code: TensorCode, bias: mx.array | None) -> None:
+        super().__init__()
+        self.code = _StudentTensor(code)
         if bias is not None:
             self.bias = bias
 
@@ -93,9 +121,9 @@ class _StudentLinear(nn.Module):
 
 
 class _StudentEmbedding(nn.Module):
-    def __init__(self, code: RotQCode) -> None:
+    def __init__(self, code: TensorCode) -> None:
         super().__init__()
-        self.code = _StudentCode(code)
+        self.code = _StudentTensor(code)
 
     def __call__(self, ids: mx.array) -> mx.array:
         flat = ids.reshape(-1).astype(mx.int32)
@@ -106,20 +134,21 @@ class _StudentEmbedding(nn.Module):
         return self.code.rotate(x) @ self.code.rotated_weight().T
 
 
-def _students(model: nn.Module, codes: dict[str, TensorCode]) -> dict[str, _StudentCode]:
+def _students(model: nn.Module, codes: dict[str, TensorCode]) -> dict[str, _StudentTensor]:
     """Swap every coded Linear/Embedding of ``model`` for a student; {weight name: its student code}."""
     mods = dict(model.named_modules())
     swaps, out = [], {}
     for name, tc in codes.items():
         path = name.removesuffix(".weight")
-        lv = tc.levels[0]
-        if len(tc.levels) != 1 or not isinstance(lv, RotQCode) or path not in mods:
+        if path not in mods or not all(isinstance(lv, RotQCode) for lv in tc.levels):
             continue
+        if len(tc.levels) > 1 and row_bands(tc.levels, tc.shape[0]) is None:
+            continue  # several whole-tensor levels: not a rotq code this tunes
         m = mods[path]
         if isinstance(m, nn.Embedding):
-            s = _StudentEmbedding(lv)
+            s = _StudentEmbedding(tc)
         elif isinstance(m, nn.Linear):
-            s = _StudentLinear(lv, m.bias if "bias" in m else None)
+            s = _StudentLinear(tc, m.bias if "bias" in m else None)
         else:
             continue
         swaps.append((path, s))
@@ -199,11 +228,11 @@ def distill_scales(
         mx.eval(loss, student.trainable_parameters(), opt.state)
         bar.set_postfix(kl=f"{float(loss):.4f}")
     kl_after = score()
-    for name, c in tuned.items():
-        lv = codes[name].levels[0]
-        lv.scales, top = c.tuned_scales()
-        if top is not None:
-            lv.row_scale = top
+    for name, t in tuned.items():
+        for lv, c in zip(codes[name].levels, t.bands):
+            lv.scales, top = c.tuned_scales()
+            if top is not None:
+                lv.row_scale = top
     return {
         "steps": steps, "lr": lr, "lr_decay": "cosine" if decay else "none", "seq": seq,
         "windows": len(windows), "tokens": sum(len(w) - 1 for w in windows), "tensors": len(tuned),

@@ -90,12 +90,12 @@ def test_version_1_files_still_load(fgs_dir, copy):
     assert load_model(str(copy)).model is not None
 
 
-@pytest.mark.parametrize("version", [fgs_format.TRELLIS_VERSION + 1, 0, None, "1"])
+@pytest.mark.parametrize("version", [fgs_format.ROW_BANDS_VERSION + 1, 0, None, "1"])
 def test_wrong_format_version(fgs_dir, copy, version, capsys):
     m = _manifest(fgs_dir)
     m["format_version"] = version
     _write(copy, m)
-    with pytest.raises(ModelFormatError, match=f"format version {version!r} \\(this mmt reads 1, 2, 3\\)"):
+    with pytest.raises(ModelFormatError, match=f"format version {version!r} \\(this mmt reads 1, 2, 3, 4\\)"):
         load_model(str(copy))
     assert main(["bench", "-m", str(copy), "-p", "1", "-g", "1", "-r", "1"]) == 1
     assert "format version" in capsys.readouterr().err

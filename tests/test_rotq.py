@@ -230,6 +230,12 @@ def test_convert_bpw_end_to_end(tiny_gguf, tmp_path):
     assert report["bits_per_weight"] > 3.0  # the budget is spent, not left over
     _, codes, _ = fgs_format.load_fgs_model(out)
     assert all(tc.levels[0].kind == "rotq" for tc in codes.values())
+    # the vocabulary rows in bands by token importance, the important ones at no fewer bits
+    bands = report["classes"]["embed_tokens"]["row_bands"]
+    assert len(bands) == 5 and sum(b["rows"] for b in bands) == 49152
+    assert bands[0]["bits_per_weight"] >= bands[-1]["bits_per_weight"]
+    emb = next(tc for k, tc in codes.items() if "embed" in k)
+    assert len(emb.levels) == 5 and emb.errors[-1] < emb.errors[0]
     c = report["classes"]["self_attn.v_proj"]
     assert set(c) >= {"levels", "bytes", "mean_output_error", "predicted_kl"}
     # the error the report states is the error of the stored code
@@ -268,6 +274,26 @@ def test_cli_bpw_and_its_errors(tiny_gguf, tmp_path, capsys):
     )
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert all(k.startswith("rotq") for c in report["classes"].values() for k in c["levels"])
+    assert "row_bands" in report["classes"]["embed_tokens"]
+    out = tmp_path / "e"
+    assert main(["convert", path, "-o", str(out), "--vocab-rows", "whole", "--tau", "0.01", "--no-eval"]) == 1
+    assert "--vocab-rows chooses" in capsys.readouterr().err
+    assert (
+        main(["convert", path, "-o", str(out), "--bpw", "3", "--vocab-rows", "whole", "--no-eval", "--json"])
+        == 0
+    )
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "row_bands" not in report["classes"]["embed_tokens"]
+    (whole,) = report["classes"]["embed_tokens"]["levels"]
+    out = tmp_path / "f"
+    assert main(["convert", path, "-o", str(out), "--bpw", "3", "--no-eval", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # no band below the width of the whole-tensor plan at the same budget
+    floor = int(whole[3 : whole.index("g")])
+    assert all(
+        int(b["level"][3 : b["level"].index("g")]) >= floor
+        for b in report["classes"]["embed_tokens"]["row_bands"]
+    )
 
 
 def test_scale_refit_lowers_the_weighted_error():

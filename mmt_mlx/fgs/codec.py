@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mmt_mlx.fgs.codes import CirculantCode, GaussianCode, Level, QuantCode, RotQCode, TensorCode
+from mmt_mlx.fgs.codes import CirculantCode, GaussianCode, Level, QuantCode, RotQCode, TensorCode, level_shape
 from mmt_mlx.fgs.encoders.circulant import circulant_nbytes, decode_circulant
 from mmt_mlx.fgs.encoders.gauss_codes import decode_rotq, rotq_code_nbytes
 from mmt_mlx.fgs.encoders.gaussian import decode_gaussian, gaussian_nbytes
@@ -42,7 +42,14 @@ def tensor_nbytes(tc: TensorCode) -> int:
 
 
 def decode_level(level: Level) -> np.ndarray:
-    return _ops(level)[1](level)
+    """The level's dense decode in the tensor's shape (a row band's rows placed, zero elsewhere)."""
+    w = _ops(level)[1](level)
+    ids = level.row_ids() if isinstance(level, RotQCode) else None
+    if ids is None:
+        return w
+    out = np.zeros(level_shape(level), np.float32)
+    out[ids] = w
+    return out
 
 
 def decode_tensor(tc: TensorCode) -> np.ndarray:

@@ -39,6 +39,11 @@ RotQCode (Gaussian codes in an FFT-rotated basis; ``encoders/gauss_codes.py``, `
     ``trellis`` 2 (trellis-coded, ``encoders/trellis.py``): codebook is a lut of 4 << bits values and a code's
     value is codebook[(s << bits) | q[i, j]] with s = ((q[i-2, j] & 1) << 1) | (q[i-1, j] & 1), the low bits of
     the two codes above it in its column (0 above row 0); trellis 0: codebook[q[i, j]].
+    Row bands: with ``row_mask`` set the level codes only some of the tensor's ``tensor_rows`` rows (those whose
+    bit is set, in ascending order; ``rows`` is their count) and is zero elsewhere. A tensor whose levels carry
+    row masks is coded by bands: their masks partition its rows (``row_bands``), each band at its own width
+    (``rotq_convert`` spends more bits on the embedding rows of frequent tokens). Trellis states run down a
+    band's own rows.
 """
 
 from __future__ import annotations
@@ -102,7 +107,18 @@ class RotQCode:
     scales: np.ndarray  # (rows, cols // group_size) float16, or uint8 log-scale codes with row_scale
     row_scale: np.ndarray | None = None  # (rows,) float16: the top of each row's log-scale grid
     trellis: int = 0  # 0: scalar codes; 2: trellis-coded (a value depends on the codes of the two rows above)
+    row_mask: np.ndarray | None = (
+        None  # uint8 packed bits (little order): which of the tensor's rows it codes
+    )
+    tensor_rows: int = 0  # the tensor's rows, where row_mask is set
     kind: str = "rotq"
+
+    def row_ids(self) -> np.ndarray | None:
+        """The tensor rows this level codes (int32, ascending), or None when it codes all of them."""
+        if self.row_mask is None:
+            return None
+        bits = np.unpackbits(np.asarray(self.row_mask, np.uint8), count=self.tensor_rows, bitorder="little")
+        return np.flatnonzero(bits).astype(np.int32)
 
     def group_scales(self, rows: slice | None = None) -> np.ndarray:
         """The group scales (rows, cols // group_size) as float32, whichever way they are stored."""
@@ -124,6 +140,40 @@ def log_scale_values(k: np.ndarray, row_scale: np.ndarray) -> np.ndarray:
 
 
 Level = GaussianCode | CirculantCode | QuantCode | RotQCode
+
+
+def row_mask(ids: np.ndarray, tensor_rows: int) -> np.ndarray:
+    """The packed row mask (``RotQCode.row_mask``) of rows ``ids`` of a tensor with ``tensor_rows`` rows."""
+    bits = np.zeros(tensor_rows, np.uint8)
+    bits[np.asarray(ids)] = 1
+    return np.packbits(bits, bitorder="little")
+
+
+def level_shape(lv: Level) -> tuple[int, int]:
+    """The shape a level's decode takes in the tensor: the whole tensor, also for a row band."""
+    if getattr(lv, "row_mask", None) is not None:
+        return (lv.tensor_rows, lv.cols)
+    return (lv.rows, lv.cols)
+
+
+def row_bands(levels: list[Level], rows: int) -> list[np.ndarray] | None:
+    """Each level's rows where the levels are row bands (None where none is); ValueError unless every level is
+    one and their rows partition the tensor's ``rows``."""
+    masked = [getattr(lv, "row_mask", None) is not None for lv in levels]
+    if not any(masked):
+        return None
+    if not all(masked):
+        raise ValueError("row bands mixed with whole-tensor levels")
+    ids = [lv.row_ids() for lv in levels]
+    for lv, i in zip(levels, ids):
+        if lv.tensor_rows != rows or len(lv.row_mask) != (rows + 7) // 8 or len(i) != lv.rows:
+            raise ValueError(f"a row band's mask does not match its {lv.rows} rows of {rows}")
+    seen = np.zeros(rows, np.int32)
+    for i in ids:
+        seen[i] += 1
+    if not (seen == 1).all():
+        raise ValueError("row bands do not partition the tensor's rows")
+    return ids
 
 
 @dataclass

@@ -25,12 +25,23 @@ from typing import Any
 import numpy as np
 
 from mmt_mlx.errors import ModelFormatError
-from mmt_mlx.fgs.codes import CirculantCode, GaussianCode, Level, MetaCode, QuantCode, RotQCode, TensorCode
+from mmt_mlx.fgs.codes import (
+    CirculantCode,
+    GaussianCode,
+    Level,
+    MetaCode,
+    QuantCode,
+    RotQCode,
+    TensorCode,
+    level_shape,
+    row_bands,
+)
 
 FORMAT = "mmt-fgs"
 FORMAT_VERSION = 2  # what is written; 2 added the rotq level's log-scale codes (``row_scale``)
 TRELLIS_VERSION = 3  # written instead where a rotq level is trellis-coded (older readers refuse it cleanly)
-READABLE_VERSIONS = (1, 2, 3)
+ROW_BANDS_VERSION = 4  # written where a tensor is coded by row bands (``RotQCode.row_mask``)
+READABLE_VERSIONS = (1, 2, 3, 4)
 MANIFEST = "manifest.json"
 CODES = "codes.safetensors"
 
@@ -38,7 +49,7 @@ _FIELDS = {
     "gaussian": ("mu", "sidx", "perm"),
     "circulant": ("spec_re", "spec_im"),
     "quant": ("wq", "scales", "biases"),
-    "rotq": ("codebook", "wq", "scales", "row_scale"),
+    "rotq": ("codebook", "wq", "scales", "row_scale", "row_mask"),
 }
 _PARAMS = {
     "gaussian": ("rows", "cols", "sigma_grid"),
@@ -67,6 +78,8 @@ def _level_entry(w: _Writer, prefix: str, lv: Level) -> dict:
     entry.update({p: getattr(lv, p) for p in _PARAMS[lv.kind]})
     if isinstance(lv, RotQCode) and lv.trellis:
         entry["trellis"] = lv.trellis
+    if isinstance(lv, RotQCode) and lv.row_mask is not None:
+        entry["tensor_rows"] = lv.tensor_rows
     arrays = {}
     for f in _FIELDS[lv.kind]:
         value = getattr(lv, f)
@@ -114,8 +127,12 @@ def save_fgs_model(
         save_file(w.arrays, str(tmp / CODES))
         for fname, data in tokenizer_files.items():
             (tmp / fname).write_bytes(data)
-        trellis = any(getattr(lv, "trellis", 0) for tc in codes.values() for lv in tc.levels)
-        version = TRELLIS_VERSION if trellis else FORMAT_VERSION
+        every = [lv for tc in codes.values() for lv in tc.levels]
+        version = FORMAT_VERSION
+        if any(getattr(lv, "row_mask", None) is not None for lv in every):
+            version = ROW_BANDS_VERSION
+        elif any(getattr(lv, "trellis", 0) for lv in every):
+            version = TRELLIS_VERSION
         manifest = {
             "format": FORMAT, "format_version": version, "arch": arch, "config": config,
             "tokenizer": tokenizer, "tensors": tensors, "raw": raw_entries, "report": report,
@@ -156,7 +173,8 @@ def _level(arrays, e: dict, where: str) -> Level:
         if trellis not in (0, 2):
             raise ModelFormatError(f"{where}: unknown trellis {trellis!r} (this mmt reads 0 and 2)")
         return RotQCode(**params, codebook=got["codebook"], wq=got["wq"], scales=got["scales"],
-                        row_scale=got.get("row_scale"), trellis=trellis)  # fmt: skip
+                        row_scale=got.get("row_scale"), trellis=trellis, row_mask=got.get("row_mask"),
+                        tensor_rows=int(e.get("tensor_rows", 0)))  # fmt: skip
     if kind == "circulant":
         return CirculantCode(**params, spec_re=got["spec_re"], spec_im=got["spec_im"])
     if "amp_meta" in e:
@@ -204,10 +222,14 @@ def load_fgs_model(path: str | os.PathLike) -> tuple[dict, dict[str, TensorCode]
             where = f"{root / CODES}, tensor {name}"
             levels = [_level(arrays, e, where) for e in t["levels"]]
             for lv in levels:
-                if [lv.rows, lv.cols] != t["shape"]:
+                if list(level_shape(lv)) != t["shape"]:
                     raise ModelFormatError(
-                        f"{where}: level shape {[lv.rows, lv.cols]} != tensor shape {t['shape']}"
+                        f"{where}: level shape {list(level_shape(lv))} != tensor shape {t['shape']}"
                     )
+            try:
+                row_bands(levels, t["shape"][0])
+            except ValueError as e:
+                raise ModelFormatError(f"{where}: {e}") from None
             codes[name] = TensorCode(tuple(t["shape"]), levels, t.get("errors", []), t.get("tau"))
         raw = {
             name: _array(arrays, e, f"{root / CODES}, tensor {name}") for name, e in manifest["raw"].items()

@@ -52,7 +52,8 @@ def rotq_nbytes(
 
 def rotq_code_nbytes(code: RotQCode) -> int:
     top = 0 if code.row_scale is None else code.row_scale.nbytes
-    return int(code.wq.nbytes + code.scales.nbytes + top + code.codebook.nbytes)
+    mask = 0 if code.row_mask is None else code.row_mask.nbytes
+    return int(code.wq.nbytes + code.scales.nbytes + top + code.codebook.nbytes + mask)
 
 
 def log_scale_top(wr: np.ndarray) -> np.ndarray:

@@ -17,11 +17,21 @@ import numpy as np
 from mlx import nn
 
 from mmt_mlx import native
-from mmt_mlx.fgs.codes import CirculantCode, GaussianCode, Level, QuantCode, RotQCode, TensorCode
+from mmt_mlx.fgs.codes import (
+    CirculantCode,
+    GaussianCode,
+    Level,
+    QuantCode,
+    RotQCode,
+    TensorCode,
+    level_shape,
+    row_bands,
+)
 from mmt_mlx.fgs.encoders.gaussian import gaussian_amp
 from mmt_mlx.fgs.runtime import kernels as K
 from mmt_mlx.fgs.runtime import ops
 from mmt_mlx.fgs.runtime.rotq_layer import RotQLevel
+from mmt_mlx.fgs.runtime.row_bands import RowBands
 
 _ROW_TEMP_ELEMS = 1 << 21  # bound on (ids, K, cols) temporaries when decoding embedding rows
 
@@ -206,8 +216,11 @@ def _levels(code: TensorCode, use_kernel: bool | None) -> tuple[list[nn.Module],
     if not code.levels:
         raise ValueError("a TensorCode needs at least one level")
     for lv in code.levels:
-        if (lv.rows, lv.cols) != tuple(code.shape):
-            raise ValueError(f"level shape {(lv.rows, lv.cols)} != tensor shape {tuple(code.shape)}")
+        if level_shape(lv) != tuple(code.shape):
+            raise ValueError(f"level shape {level_shape(lv)} != tensor shape {tuple(code.shape)}")
+    bands = row_bands(code.levels, code.shape[0])
+    if bands is not None:  # one module for the bands: their rows partition the tensor
+        return [RowBands([make_level(lv, uk) for lv in code.levels], bands, code.shape[0])], uk
     return [make_level(lv, uk) for lv in code.levels], uk
 
 
