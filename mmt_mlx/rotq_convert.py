@@ -7,7 +7,8 @@
    width. Vocabulary rows (embedding, LM head) are cut into row bands by token importance (``TokenImportance``:
    the dense model's mean next-token probability and the token's share of the calibration text), each band
    priced by its share of the importance-weighted output energy, so that frequent tokens' rows can buy more bits
-   than the long tail of rare ones (``--vocab-rows whole`` codes them at one width).
+   than the long tail of rare ones; no band below the width the planner gives the tensor coded whole at the same
+   budget, so text unlike the calibration text loses nothing (``--vocab-rows whole`` codes them at one width).
 3. Budget: the byte budget is B x parameters / 8 minus what is stored raw; every tensor starts at its cheapest
    (bits, group) and the step with the most predicted KL saved per byte is bought until the budget is spent.
 4. Encoding: each tensor at its width with GPTQ in the rotated basis; the real errors go in the report.
@@ -57,12 +58,12 @@ TRELLIS = True  # trellis-coded (encoders/trellis.py) instead of scalar Lloyd-Ma
 CALIB_TOKENS = 8192
 DISTILL_TOKENS = 1 << 20  # distillation windows: all of the shipped calibration text (~27,000 tokens)
 SCREEN_ROWS = 128
+SCREEN_BITS = 3
 # vocabulary rows (embedding, LM head) in bands by token importance, most important first, each at its own width:
 # the top 2% of Gemma 3's 262,144 tokens hold 91% of the calibration text's next-token probability
 ROW_BANDS = (0.01, 0.03, 0.12, 0.24, 0.60)
 MIN_BAND_ROWS = 4096
 VOCAB_CLASSES = ("embed_tokens", "lm_head")
-SCREEN_BITS = 3
 
 
 def row_band_ids(weight: np.ndarray, fractions: tuple[float, ...] = ROW_BANDS) -> list[np.ndarray]:
