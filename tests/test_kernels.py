@@ -1,7 +1,7 @@
 """FGS products: reference ops and GPU kernel text, against a float64 numpy oracle.
 
-The Metal bodies run on the CPU through tests/metal_harness (g++, one std::thread per thread of a
-threadgroup); the CUDA bodies are compiled with nvcc, wrapped as mx.fast.cuda_kernel wraps them.
+The Metal and the CUDA bodies both run on the CPU through tests/metal_harness (g++, one std::thread per thread
+of a threadgroup); the CUDA bodies are also compiled with nvcc, wrapped as mx.fast.cuda_kernel wraps them.
 """
 
 from __future__ import annotations
@@ -103,23 +103,26 @@ def test_quant_ops(bits, group, tokens, monkeypatch):
     _close(np.array(y), x.astype(np.float64) @ O.decode_quant(c).T, 1e-4)
 
 
-# ---------------------------------------------------------------- Metal text on the CPU
+# ---------------------------------------------------------------- Metal and CUDA text on the CPU
 
 _CIRC_CASES = [(37, 53, 4, 1), (37, 53, 4, 11), (30, 17, 3, 2), (8, 8, 8, 9), (6, 5, 1, 1), (9, 12, 2, 5)]
 
 
-@pytest.fixture(scope="session")
-def metal_lib(tmp_path_factory):
+@pytest.fixture(scope="session", params=["metal", "cuda"])
+def kernel_lib(request, tmp_path_factory):
+    """The Metal or the CUDA text of every kernel, compiled for the CPU by tests/metal_harness."""
     if not harness.gxx_available():
         pytest.skip("g++ not installed")
     inst = {
         (K.gaussian_launch(1, 8).name, K.gaussian_launch(1, 8).template),
         (K.gaussian_launch(64, 8).name, K.gaussian_launch(64, 8).template),
+        (K.rotq_launch(1, 8).name, K.rotq_launch(1, 8).template),
+        (K.rotq_launch(64, 8).name, K.rotq_launch(64, 8).template),
     }
     for rows, _, block, t in _CIRC_CASES:
         lc = K.circulant_launch(t, block, -(-rows // block))
         inst.add((lc.name, lc.template))
-    return harness.build(sorted(inst), tmp_path_factory.mktemp("metal_harness"))
+    return harness.build(sorted(inst), tmp_path_factory.mktemp("kernel_harness"), request.param)
 
 
 @pytest.mark.parametrize(
@@ -133,14 +136,14 @@ def metal_lib(tmp_path_factory):
         (33, 1, 1, 2, False),
     ],
 )
-def test_metal_gaussian(metal_lib, rows, cols, k, t, perm):
+def test_text_gaussian(kernel_lib, rows, cols, k, t, perm):
     rng = np.random.default_rng(rows * 7 + k)
     c = O.random_gaussian(rng, rows, cols, k, perm=perm)
     x = rng.normal(size=(t, cols)).astype(np.float32)
     p = c.perm if c.perm is not None else np.arange(cols, dtype=np.int32)
     gcoef = np.array(K.gaussian_coefs(c.sigma_grid))
     launch = K.gaussian_launch(t, rows)
-    got = metal_lib.run(launch, [x, p, c.amp, c.mu, c.sidx, gcoef, np.array([t, rows, cols, k])], (t, rows))
+    got = kernel_lib.run(launch, [x, p, c.amp, c.mu, c.sidx, gcoef, np.array([t, rows, cols, k])], (t, rows))
     want = x.astype(np.float64) @ O.decode_gaussian(c).T
     _close(got, want)
     ref = ops.gaussian_matmul(
@@ -155,19 +158,88 @@ def test_metal_gaussian(metal_lib, rows, cols, k, t, perm):
 
 
 @pytest.mark.parametrize("rows,cols,block,t", _CIRC_CASES)
-def test_metal_circulant(metal_lib, rows, cols, block, t):
+def test_text_circulant(kernel_lib, rows, cols, block, t):
     rng = np.random.default_rng(rows * 3 + block + t)
     c = O.random_circulant(rng, rows, cols, block)
     x = rng.normal(size=(t, cols)).astype(np.float32)
     rb, cb, _ = c.spec_re.shape
     xs = np.fft.rfft(np.pad(x, [(0, 0), (0, cb * block - cols)]).reshape(t, cb, block), axis=-1)
     launch = K.circulant_launch(t, block, rb)
-    got = metal_lib.run(
+    got = kernel_lib.run(
         launch, [xs.real, xs.imag, c.spec_re, c.spec_im, np.array([t, rows, rb, cb])], (t, rows)
     )
     _close(got, x.astype(np.float64) @ O.decode_circulant(c).T)
     ref = ops.circulant_matmul(mx.array(x), mx.array(c.spec_re), mx.array(c.spec_im), rows, cols, block)
     _close(got, np.array(ref))
+
+
+_ROTQ_CASES = [  # rows, cols, bits, group, trellis, tokens: straddling codes, partial tiles, both kernels
+    (37, 64, 4, 32, False, 1),
+    (19, 544, 3, 32, False, 3),  # two chunks of x in the decode kernel
+    (45, 96, 5, 32, True, 1),
+    (70, 128, 2, 64, True, 37),  # three row tiles, two token tiles
+    (33, 64, 1, 32, False, 5),
+    (9, 160, 6, 32, True, 2),
+    (40, 128, 8, 128, True, 33),  # the largest codebook: 1,024 trellis levels
+    (8, 32, 7, 32, False, 4),
+]
+
+
+@pytest.mark.parametrize("rows,cols,bits,group,trellis,t", _ROTQ_CASES)
+def test_text_rotq(kernel_lib, rows, cols, bits, group, trellis, t):
+    rng = np.random.default_rng(rows * 11 + bits)
+    c = O.random_rotq(rng, rows, cols, bits, group, trellis)
+    x = rng.normal(size=(t, cols)).astype(np.float32)
+    params = K.rotq_params(t, rows, cols, bits, group, trellis, c.codebook.size)
+    got = kernel_lib.run(K.rotq_launch(t, rows), [x, c.wq, c.group_scales(), c.codebook, params], (t, rows))
+    _close(got, x.astype(np.float64) @ O.decode_rotq_rotated(c).T)
+
+
+def test_rotq_params_refuse_what_the_kernels_cannot_hold():
+    assert K.rotq_params(1, 8, 64, 3, 32, True, 32) == [1, 8, 64, 3, 32, 1, 6, 32]
+    for bad in (
+        (64, 9, 32, False, 512),
+        (40, 4, 32, False, 16),
+        (64, 4, 48, False, 16),
+        (64, 8, 32, True, 2048),
+    ):
+        with pytest.raises(ValueError, match="rotq kernel"):
+            K.rotq_params(1, 8, *bad)
+
+
+@pytest.mark.parametrize("tokens", [1, 6])
+def test_rotq_layers_on_the_kernel_path(kernel_lib, monkeypatch, tokens):
+    """RotQLevel and banded FGSLinear with use_kernel=True: the kernel text (run on the CPU in place of MLX's
+    kernel call) against the MLX reference path and the codec's dense decode."""
+    from mmt_mlx.fgs.codec import decode_tensor
+    from mmt_mlx.fgs.codes import TensorCode, row_mask
+    from mmt_mlx.fgs.encoders.gauss_codes import encode_rotq
+    from mmt_mlx.fgs.runtime.layers import FGSLinear
+
+    calls = []
+
+    def harness_run(launch, inputs, out_shape):
+        calls.append(launch.name)
+        return mx.array(kernel_lib.run(launch, [np.array(a) for a in inputs], out_shape))
+
+    monkeypatch.setattr(K, "_run", harness_run)
+    monkeypatch.setenv("MMT_NATIVE", "0")
+    rng = np.random.default_rng(5)
+    rows, cols = 90, 192
+    w = (rng.standard_normal((rows, cols)) * 0.05).astype(np.float32)
+    bands = [np.arange(0, rows, 3), np.setdiff1d(np.arange(rows), np.arange(0, rows, 3))]
+    levels = []
+    for ids, (bits, trellis) in zip(bands, ((5, True), (3, False))):
+        code = encode_rotq(w[ids], bits, 64, 7, None, log_scales=True, trellis=trellis)
+        code.row_mask, code.tensor_rows = row_mask(ids, rows), rows
+        levels.append(code)
+    tc = TensorCode((rows, cols), levels)
+    x = rng.standard_normal((tokens, cols)).astype(np.float32)
+    got = np.array(FGSLinear(tc, use_kernel=True)(mx.array(x)))
+    assert calls == [K.rotq_launch(tokens, len(ids)).name for ids in bands]
+    ref = np.array(FGSLinear(tc, use_kernel=False)(mx.array(x)))
+    _close(got, ref, 1e-5)
+    _close(got, x.astype(np.float64) @ decode_tensor(tc).T.astype(np.float64), 1e-5)
 
 
 def test_kernel_sources_complete():
@@ -182,7 +254,7 @@ def test_kernel_sources_complete():
 
 # ---------------------------------------------------------------- CUDA text: compile only
 
-_CUDA_TYPES = {"float32": "float", "int32": "int32_t", "uint8": "uint8_t"}
+_CUDA_TYPES = {"float32": "float", "int32": "int32_t", "uint8": "uint8_t", "uint32": "uint32_t"}
 
 
 def _cuda_wrap(launch: K.Launch) -> str:
@@ -214,6 +286,8 @@ def test_cuda_bodies_compile(tmp_path):
         K.circulant_launch(1, 4, 10),
         K.circulant_launch(64, 8, 10),
         K.circulant_launch(1, 3, 10),
+        K.rotq_launch(1, 100),
+        K.rotq_launch(100, 100),
     ]
     src = "#include <cooperative_groups.h>\n#include <cstdint>\n\n" + "".join(
         _cuda_wrap(lc) for lc in launches

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mmt_mlx.fgs.codes import CirculantCode, GaussianCode, Level, QuantCode, TensorCode
+from mmt_mlx.fgs.codes import CirculantCode, GaussianCode, Level, QuantCode, RotQCode, TensorCode
 
 
 def random_gaussian(
@@ -53,6 +53,40 @@ def random_quant(rng: np.random.Generator, rows: int, cols: int, bits: int, grou
         (rng.uniform(0.01, 0.1, size=(rows, ng))).astype(np.float16),
         (rng.normal(scale=0.1, size=(rows, ng))).astype(np.float16),
     )
+
+
+def random_rotq(
+    rng: np.random.Generator, rows: int, cols: int, bits: int, group: int, trellis: bool
+) -> RotQCode:
+    """Random rotq codes: each row's indices a little-endian bit stream (packed here bit by bit), a random
+    codebook (4 << bits levels for trellis codes), f16 group scales."""
+    q = rng.integers(0, 2**bits, size=(rows, cols))
+    stream = ((q[:, :, None] >> np.arange(bits)) & 1).astype(np.uint8).reshape(rows, cols * bits)
+    wq = np.packbits(stream, axis=1, bitorder="little").view("<u4").astype(np.uint32)
+    levels = (4 << bits) if trellis else 2**bits
+    return RotQCode(
+        rows=rows,
+        cols=cols,
+        bits=bits,
+        group_size=group,
+        seed=int(rng.integers(1, 1000)),
+        codebook=np.sort(rng.normal(size=levels)).astype(np.float32),
+        wq=wq,
+        scales=rng.uniform(0.01, 0.1, size=(rows, cols // group)).astype(np.float16),
+        trellis=2 if trellis else 0,
+    )
+
+
+def decode_rotq_rotated(c: RotQCode) -> np.ndarray:
+    """The rotated weights Wr (rows, cols) float64 that the rotq kernels multiply with (x already rotated)."""
+    bits = np.unpackbits(c.wq.astype("<u4").view(np.uint8), axis=1, bitorder="little")
+    bits = bits.reshape(c.rows, c.cols, c.bits).astype(np.int64)
+    q = (bits << np.arange(c.bits)).sum(-1)
+    if c.trellis:
+        low = np.vstack([np.zeros((2, c.cols), np.int64), q & 1])
+        q = (((low[:-2] << 1) | low[1:-1]) << c.bits) | q  # the low bits of the two rows above
+    s = np.repeat(np.asarray(c.scales, np.float64), c.group_size, axis=1)
+    return np.asarray(c.codebook, np.float64)[q] * s
 
 
 def decode_gaussian(c: GaussianCode) -> np.ndarray:

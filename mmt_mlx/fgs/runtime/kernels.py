@@ -43,11 +43,21 @@ _GAUSS_INPUTS = (
     ("gcoef", "float32"),
     ("params", "int32"),
 )
+_ROTQ_INPUTS = (
+    ("x", "float32"),
+    ("wq", "uint32"),
+    ("scales", "float32"),
+    ("codebook", "float32"),
+    ("params", "int32"),
+)
+ROTQ_MAX_LEVELS = 1024  # the kernels' threadgroup codebook: trellis codes of up to 8 bits (4 << 8 levels)
 SPECS: dict[str, KernelSpec] = {
     "gaussian_matmul_decode": KernelSpec("gaussian_matmul_decode", "gaussian_matmul", _GAUSS_INPUTS, ("y",)),
     "gaussian_matmul_prefill": KernelSpec(
         "gaussian_matmul_prefill", "gaussian_matmul", _GAUSS_INPUTS, ("y",)
     ),
+    "rotq_matmul_decode": KernelSpec("rotq_matmul_decode", "rotq_matmul", _ROTQ_INPUTS, ("y",)),
+    "rotq_matmul_prefill": KernelSpec("rotq_matmul_prefill", "rotq_matmul", _ROTQ_INPUTS, ("y",)),
     "circulant_matmul": KernelSpec(
         "circulant_matmul",
         "circulant_matmul",
@@ -81,6 +91,13 @@ def gaussian_launch(tokens: int, rows: int) -> Launch:
             (("TC", GAUSSIAN_DECODE_TC),),
         )
     return Launch("gaussian_matmul_prefill", (256, _ceil(rows, 32), _ceil(tokens, 32)), (256, 1, 1), ())
+
+
+def rotq_launch(tokens: int, rows: int) -> Launch:
+    """The rotq kernels share the Gaussian level's geometry: 8 rows x 32 lanes per decode threadgroup, 32 x 32
+    output tiles when prefilling."""
+    g = gaussian_launch(tokens, rows)
+    return Launch(g.name.replace("gaussian", "rotq"), g.grid, g.threadgroup, g.template)
 
 
 def circulant_launch(tokens: int, block: int, row_blocks: int) -> Launch:
@@ -180,6 +197,31 @@ def gaussian_matmul(
     params = mx.array([t, rows, cols, k], dtype=mx.int32)
     launch = gaussian_launch(t, rows)
     y = _run(launch, [xf, perm, amp, mu, sidx, gcoef, params], (t, rows))
+    return y.astype(x.dtype).reshape(*lead, rows)
+
+
+def rotq_params(
+    tokens: int, rows: int, cols: int, bits: int, group: int, trellis: bool, levels: int
+) -> list[int]:
+    """The rotq kernels' int32 params: [T, rows, cols, bits, group, trellis, words per row, codebook levels]."""
+    if not 1 <= bits <= 8 or levels > ROTQ_MAX_LEVELS or (cols * bits) % 32 or cols % group:
+        raise ValueError(
+            f"rotq kernel: no layout for {bits}-bit codes in groups of {group} over {cols} columns"
+        )
+    return [tokens, rows, cols, bits, group, int(bool(trellis)), cols * bits // 32, levels]
+
+
+def rotq_matmul(
+    x: mx.array, wq: mx.array, scales: mx.array, codebook: mx.array, bits: int, group: int, trellis: bool
+) -> mx.array:
+    """y = x @ W.T with W synthesized from rotq codes (x already rotated): wq uint32 (rows, words), scales f32
+    (rows, cols // group), codebook f32 (2**bits, or 4 << bits for trellis codes)."""
+    lead = tuple(x.shape[:-1])
+    cols = x.shape[-1]
+    xf = x.reshape(-1, cols).astype(mx.float32)
+    t, rows = xf.shape[0], wq.shape[0]
+    params = mx.array(rotq_params(t, rows, cols, bits, group, trellis, codebook.size), dtype=mx.int32)
+    y = _run(rotq_launch(t, rows), [xf, wq, scales, codebook, params], (t, rows))
     return y.astype(x.dtype).reshape(*lead, rows)
 
 

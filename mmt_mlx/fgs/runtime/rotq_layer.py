@@ -1,6 +1,7 @@
 """The "rotq" level: y = Wr (R x), Wr from Gaussian codes. On a CPU with the native kernels the rotation and the
-product are one node each (``native.fft_rotate``, ``native.codebook_matmul``); elsewhere the MLX reference path
-below rotates with mx.fft and decodes Wr tile by tile.
+product are one node each (``native.fft_rotate``, ``native.codebook_matmul``); on a Metal or CUDA GPU MLX's FFT
+rotates and one kernel of ours synthesizes Wr from the codes inside the product (``kernels.rotq_matmul``);
+elsewhere the MLX reference path below rotates with mx.fft and decodes Wr tile by tile.
 
 R is the seeded FFT rotation of ``rotation.py`` (one rfft/irfft pair per input); consecutive levels that
 receive the same input array with the same seed (q/k/v, gate/up) reuse one rotated copy. The codes are
@@ -18,6 +19,7 @@ from mlx import nn
 from mmt_mlx import native
 from mmt_mlx.fgs.codes import RotQCode
 from mmt_mlx.fgs.encoders.rotation import rotation_params
+from mmt_mlx.fgs.runtime import kernels as K
 
 _TILE_ELEMS = 1 << 20  # decoded weights held at once per product
 
@@ -79,7 +81,7 @@ class RotQLevel(nn.Module):
         self.rows, self.cols = code.rows, code.cols
         self.bits, self.group_size = code.bits, code.group_size
         self.trellis = code.trellis  # trellis codes: a value depends on the codes of the two rows above it
-        self.use_kernel = use_kernel  # no GPU kernel yet: GPUs run the reference path, CPUs the native one
+        self.use_kernel = use_kernel  # the GPU kernel (kernels/rotq_matmul.*); CPUs run the native one
         self.rotation = Rotation(code.cols, code.seed)
         self.codebook = mx.array(np.asarray(code.codebook, np.float32))
         self.wq = mx.array(np.asarray(code.wq, np.uint32))
@@ -123,6 +125,8 @@ class RotQLevel(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         xr = self.rotation.forward(x)
+        if self.use_kernel:
+            return K.rotq_matmul(xr, self.wq, self.scales, self.codebook, self.bits, self.group_size, self.trellis)
         # the integer GEMM of kernels/cpu/int_gemm.inc, scalar or trellis codes (a lut of 4 << bits levels)
         if native.codebook_enabled(self.group_size):
             return native.codebook_matmul(xr, self.wq, self.scales, self.codebook, self.group_size, self.bits)
