@@ -126,7 +126,9 @@ class RotQLevel(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         xr = self.rotation.forward(x)
         if self.use_kernel:
-            return K.rotq_matmul(xr, self.wq, self.scales, self.codebook, self.bits, self.group_size, self.trellis)
+            return K.rotq_matmul(
+                xr, self.wq, self.scales, self.codebook, self.bits, self.group_size, self.trellis
+            )
         # the integer GEMM of kernels/cpu/int_gemm.inc, scalar or trellis codes (a lut of 4 << bits levels)
         if native.codebook_enabled(self.group_size):
             return native.codebook_matmul(xr, self.wq, self.scales, self.codebook, self.group_size, self.bits)
