@@ -118,6 +118,7 @@ def kernel_lib(request, tmp_path_factory):
         (K.gaussian_launch(64, 8).name, K.gaussian_launch(64, 8).template),
         (K.rotq_launch(1, 8).name, K.rotq_launch(1, 8).template),
         (K.rotq_launch(64, 8).name, K.rotq_launch(64, 8).template),
+        ("rotate_direct", ()),
     }
     for rows, _, block, t in _CIRC_CASES:
         lc = K.circulant_launch(t, block, -(-rows // block))
@@ -195,6 +196,27 @@ def test_text_rotq(kernel_lib, rows, cols, bits, group, trellis, t):
     _close(got, x.astype(np.float64) @ O.decode_rotq_rotated(c).T)
 
 
+@pytest.mark.parametrize(
+    "n,t,inverse", [(576, 1, False), (640, 3, True), (7, 2, False), (300, 4, True), (1, 1, False)]
+)
+def test_text_rotate_direct(kernel_lib, n, t, inverse):
+    """The direct rotation kernel against the numpy FFT rotation (float64) of the same seed."""
+    from mmt_mlx.fgs.encoders.rotation import rotate, rotation_params, unrotate
+
+    seed = 3 + n
+    signs, phase = rotation_params(n, seed)
+    filt = np.fft.irfft(phase.astype(np.complex128), n).astype(np.float32)
+    x = np.random.default_rng(n).normal(size=(t, n)).astype(np.float32)
+    params = np.array([t, n, int(inverse)])
+    got = kernel_lib.run(K.rotate_launch(t, n), [x, signs, filt, params], (t, n))
+    want = (unrotate if inverse else rotate)(x.astype(np.float64), seed)
+    _close(got, want, 1e-5)
+    back = kernel_lib.run(
+        K.rotate_launch(t, n), [got, signs, filt, np.array([t, n, int(not inverse)])], (t, n)
+    )
+    _close(back, x, 1e-5)  # orthogonal: R^T R x = x
+
+
 def test_rotq_params_refuse_what_the_kernels_cannot_hold():
     assert K.rotq_params(1, 8, 64, 3, 32, True, 32) == [1, 8, 64, 3, 32, 1, 6, 32]
     for bad in (
@@ -214,7 +236,7 @@ def test_rotq_layers_on_the_kernel_path(kernel_lib, monkeypatch, tokens):
     from mmt_mlx.fgs.codec import decode_tensor
     from mmt_mlx.fgs.codes import TensorCode, row_mask
     from mmt_mlx.fgs.encoders.gauss_codes import encode_rotq
-    from mmt_mlx.fgs.runtime.layers import FGSLinear
+    from mmt_mlx.fgs.runtime.layers import FGSEmbedding, FGSLinear
 
     calls = []
 
@@ -236,10 +258,17 @@ def test_rotq_layers_on_the_kernel_path(kernel_lib, monkeypatch, tokens):
     tc = TensorCode((rows, cols), levels)
     x = rng.standard_normal((tokens, cols)).astype(np.float32)
     got = np.array(FGSLinear(tc, use_kernel=True)(mx.array(x)))
-    assert calls == [K.rotq_launch(tokens, len(ids)).name for ids in bands]
+    rotations = ["rotate_direct"] if tokens <= K.ROTATE_DIRECT_MAX_TOKENS else []  # prompts: MLX's FFT
+    # both bands rotate the same input with the same seed: one rotation, shared
+    assert calls == rotations + [K.rotq_launch(tokens, len(ids)).name for ids in bands]
     ref = np.array(FGSLinear(tc, use_kernel=False)(mx.array(x)))
     _close(got, ref, 1e-5)
     _close(got, x.astype(np.float64) @ decode_tensor(tc).T.astype(np.float64), 1e-5)
+    calls.clear()  # an embedding lookup decodes its rows in each band, then un-rotates them with the kernel
+    ids = [0, 89, 3, 3]
+    emb = np.array(FGSEmbedding(tc, use_kernel=True)(mx.array([ids])))[0]
+    assert calls == ["rotate_direct"] * len(bands)
+    np.testing.assert_allclose(emb, decode_tensor(tc)[ids], rtol=1e-4, atol=1e-6)
 
 
 def test_kernel_sources_complete():
@@ -288,6 +317,7 @@ def test_cuda_bodies_compile(tmp_path):
         K.circulant_launch(1, 3, 10),
         K.rotq_launch(1, 100),
         K.rotq_launch(100, 100),
+        K.rotate_launch(1, 576),
     ]
     src = "#include <cooperative_groups.h>\n#include <cstdint>\n\n" + "".join(
         _cuda_wrap(lc) for lc in launches

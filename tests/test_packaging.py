@@ -28,6 +28,7 @@ def test_wheel_layout(tmp_path):
     for needed in ("mmt_mlx/kernels/gaussian_matmul.metal", "mmt_mlx/kernels/gaussian_matmul.cu",
                    "mmt_mlx/kernels/circulant_matmul.metal", "mmt_mlx/kernels/circulant_matmul.cu",
                    "mmt_mlx/kernels/rotq_matmul.metal", "mmt_mlx/kernels/rotq_matmul.cu",
+                   "mmt_mlx/kernels/rotation.metal", "mmt_mlx/kernels/rotation.cu",
                    "mmt_mlx/server/app.py", "mmt_mlx/data/calibration.txt", "mmt_mlx/data/heldout.txt"):  # fmt: skip
         assert needed in names, needed
     for f in (ROOT / "kernels" / "cpu").iterdir():  # every native kernel source (an .inc forgotten once)

@@ -50,6 +50,8 @@ _ROTQ_INPUTS = (
     ("codebook", "float32"),
     ("params", "int32"),
 )
+ROTATE_DIRECT_MAX_TOKENS = 4  # up to this many tokens the rotation is one direct kernel, beyond it MLX's FFT
+ROTATE_DIRECT_MAX_WIDTH = 4096  # the kernel's threadgroup copy of a token (16 KB)
 ROTQ_MAX_LEVELS = 1024  # the kernels' threadgroup codebook: trellis codes of up to 8 bits (4 << 8 levels)
 SPECS: dict[str, KernelSpec] = {
     "gaussian_matmul_decode": KernelSpec("gaussian_matmul_decode", "gaussian_matmul", _GAUSS_INPUTS, ("y",)),
@@ -58,6 +60,12 @@ SPECS: dict[str, KernelSpec] = {
     ),
     "rotq_matmul_decode": KernelSpec("rotq_matmul_decode", "rotq_matmul", _ROTQ_INPUTS, ("y",)),
     "rotq_matmul_prefill": KernelSpec("rotq_matmul_prefill", "rotq_matmul", _ROTQ_INPUTS, ("y",)),
+    "rotate_direct": KernelSpec(
+        "rotate_direct",
+        "rotation",
+        (("x", "float32"), ("signs", "float32"), ("filt", "float32"), ("params", "int32")),
+        ("y",),
+    ),
     "circulant_matmul": KernelSpec(
         "circulant_matmul",
         "circulant_matmul",
@@ -98,6 +106,15 @@ def rotq_launch(tokens: int, rows: int) -> Launch:
     output tiles when prefilling."""
     g = gaussian_launch(tokens, rows)
     return Launch(g.name.replace("gaussian", "rotq"), g.grid, g.threadgroup, g.template)
+
+
+def rotate_launch(tokens: int, n: int) -> Launch:
+    return Launch("rotate_direct", (256 * _ceil(n, 256), 1, tokens), (256, 1, 1), ())
+
+
+def rotate_direct_fits(tokens: int, n: int) -> bool:
+    """Whether the direct rotation kernel takes these tokens (a decode step); prompts keep MLX's FFT."""
+    return tokens <= ROTATE_DIRECT_MAX_TOKENS and n <= ROTATE_DIRECT_MAX_WIDTH
 
 
 def circulant_launch(tokens: int, block: int, row_blocks: int) -> Launch:
@@ -198,6 +215,19 @@ def gaussian_matmul(
     launch = gaussian_launch(t, rows)
     y = _run(launch, [xf, perm, amp, mu, sidx, gcoef, params], (t, rows))
     return y.astype(x.dtype).reshape(*lead, rows)
+
+
+def rotate_direct(x: mx.array, signs: mx.array, filt: mx.array, inverse: bool = False) -> mx.array:
+    """R x (or R^T x) along the last axis of a few tokens: the circular convolution with the rotation's filter
+    ``filt`` = irfft(phase) computed directly (kernels/rotation.*); signs and filt f32 (n,)."""
+    lead = tuple(x.shape[:-1])
+    n = x.shape[-1]
+    xf = x.reshape(-1, n).astype(mx.float32)
+    t = xf.shape[0]
+    if not rotate_direct_fits(t, n):
+        raise ValueError(f"rotate_direct: {t} tokens of width {n} are for the FFT path")
+    params = mx.array([t, n, int(bool(inverse))], dtype=mx.int32)
+    return _run(rotate_launch(t, n), [xf, signs, filt, params], (t, n)).reshape(*lead, n)
 
 
 def rotq_params(

@@ -1,6 +1,7 @@
 """The "rotq" level: y = Wr (R x), Wr from Gaussian codes. On a CPU with the native kernels the rotation and the
-product are one node each (``native.fft_rotate``, ``native.codebook_matmul``); on a Metal or CUDA GPU MLX's FFT
-rotates and one kernel of ours synthesizes Wr from the codes inside the product (``kernels.rotq_matmul``);
+product are one node each (``native.fft_rotate``, ``native.codebook_matmul``); on a Metal or CUDA GPU one kernel
+of ours rotates a decode token (``kernels.rotate_direct``; prompts: MLX's FFT) and one synthesizes Wr from the
+codes inside the product (``kernels.rotq_matmul``);
 elsewhere the MLX reference path below rotates with mx.fft and decodes Wr tile by tile.
 
 R is the seeded FFT rotation of ``rotation.py`` (one rfft/irfft pair per input); consecutive levels that
@@ -30,13 +31,13 @@ class _RotationMemo:
 
     def __init__(self) -> None:
         self.x: mx.array | None = None
-        self.key: tuple[int, bool] = (-1, False)
+        self.key: tuple[int, bool, bool] = (-1, False, False)
         self.xr: mx.array | None = None
 
-    def get(self, x: mx.array, key: tuple[int, bool]) -> mx.array | None:
+    def get(self, x: mx.array, key: tuple[int, bool, bool]) -> mx.array | None:
         return self.xr if (self.x is x and self.key == key) else None
 
-    def put(self, x: mx.array, key: tuple[int, bool], xr: mx.array) -> None:
+    def put(self, x: mx.array, key: tuple[int, bool, bool], xr: mx.array) -> None:
         self.x, self.key, self.xr = x, key, xr
 
 
@@ -46,21 +47,31 @@ _MEMO = _RotationMemo()
 class Rotation:
     """R and R^T of width n along the last axis, in MLX (f32)."""
 
-    def __init__(self, n: int, seed: int) -> None:
+    def __init__(self, n: int, seed: int, use_kernel: bool = False) -> None:
         signs, phase = rotation_params(n, seed)
-        self.n, self.seed = n, seed
+        self.n, self.seed, self.use_kernel = n, seed, use_kernel
         self.signs = mx.array(np.asarray(signs, np.float32))
         self.phase = mx.array(np.asarray(phase, np.complex64))
         self.phase_conj = mx.array(np.conj(phase).astype(np.complex64))
         # the native kernel's form of the same factors: (n // 2 + 1, 2) real and imaginary parts
         self.phase_re_im = mx.array(np.stack([phase.real, phase.imag], -1).astype(np.float32))
+        # the GPU kernel's form: the circulant's real filter irfft(phase), applied directly to a decode token
+        self.filt = (
+            mx.array(np.fft.irfft(phase.astype(np.complex128), n).astype(np.float32)) if use_kernel else None
+        )
+
+    def _direct(self, x: mx.array) -> bool:
+        return self.use_kernel and K.rotate_direct_fits(x.size // max(1, self.n), self.n)
 
     def forward(self, x: mx.array) -> mx.array:
-        key = (self.seed, native.enabled())
+        direct = self._direct(x)
+        key = (self.seed, native.enabled(), direct)
         hit = _MEMO.get(x, key)
         if hit is not None:
             return hit
-        if key[1]:  # one node instead of ~6 (kernels/cpu/rotation.cpp)
+        if direct:  # one GPU dispatch instead of four (kernels/rotation.*)
+            xr = K.rotate_direct(x, self.signs, self.filt)
+        elif key[1]:  # one node instead of ~6 (kernels/cpu/rotation.cpp)
             xr = native.fft_rotate(x, self.signs, self.phase_re_im)
         else:
             f = mx.fft.rfft(x.astype(mx.float32) * self.signs, axis=-1)
@@ -69,6 +80,8 @@ class Rotation:
         return xr
 
     def inverse(self, y: mx.array) -> mx.array:
+        if self._direct(y):
+            return K.rotate_direct(y, self.signs, self.filt, inverse=True)
         if native.enabled():
             return native.fft_rotate(y, self.signs, self.phase_re_im, inverse=True)
         f = mx.fft.rfft(y.astype(mx.float32), axis=-1)
@@ -82,7 +95,7 @@ class RotQLevel(nn.Module):
         self.bits, self.group_size = code.bits, code.group_size
         self.trellis = code.trellis  # trellis codes: a value depends on the codes of the two rows above it
         self.use_kernel = use_kernel  # the GPU kernel (kernels/rotq_matmul.*); CPUs run the native one
-        self.rotation = Rotation(code.cols, code.seed)
+        self.rotation = Rotation(code.cols, code.seed, use_kernel)
         self.codebook = mx.array(np.asarray(code.codebook, np.float32))
         self.wq = mx.array(np.asarray(code.wq, np.uint32))
         self.scales = mx.array(code.group_scales())  # f32 (from f16 or log-scale codes): faster on CPU
