@@ -7,7 +7,8 @@ microseconds of dispatch and synchronization even when it moves almost no data. 
 
 with kernels counted in the real MLX graph of one decode step, built as the GPU would see it: MLX's fused
 ``mx.fast`` ops (RMSNorm, RoPE, attention) are one Metal kernel each but decompose into a dozen ops on the CPU,
-so each is counted once, and view-only primitives (reshapes, broadcasts, transposes) are not counted.
+so each is counted once, as is each of our rotq kernels (product, decode rotation), and view-only primitives
+(reshapes, broadcasts, transposes) are not counted.
 
 DISPATCH_S = 2.75 us: ml-explore/mlx issue #4521 (M3 Ultra, mlx 0.32.2) measured a synthetic chain of 3,200
 tiny dependent kernels at 8.8 ms per step (2.75 us each) with MLX's default command-buffer settings; an
@@ -21,10 +22,13 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
+
+from mmt_mlx.fgs.runtime import kernels as K
+from mmt_mlx.fgs.runtime.rotq_layer import RotQLevel
 
 DISPATCH_S = 2.75e-6
 # Primitives that are views or bookkeeping on Metal (no kernel launched).
@@ -32,6 +36,27 @@ _NO_KERNEL = {
     "Broadcast", "BroadcastAxes", "Reshape", "ExpandDims", "Squeeze", "Transpose", "AsStrided", "Depends",
     "StopGradient", "Flatten", "Unflatten", "Slice", "Split", "NumberOfElements", "Load",
 }  # fmt: skip
+
+
+@contextmanager
+def _fgs_gpu_kernels(model):
+    """The rotq levels on their GPU kernel path (kernels/rotq_matmul.*, kernels/rotation.*), each kernel call
+    standing in as one reduction node: a product and a decode token's rotation are one dispatch each on a GPU,
+    where the MLX reference path the CPU builds is a dozen ops."""
+    levels = [m for m in model.modules() if isinstance(m, RotQLevel)]
+    saved = [(lv.use_kernel, lv.rotation.use_kernel, lv.rotation.filt) for lv in levels]
+    run = K._run
+    K._run = lambda launch, inputs, out_shape: mx.broadcast_to(mx.sum(inputs[0]), out_shape)
+    for lv in levels:
+        lv.use_kernel = lv.rotation.use_kernel = True
+        if lv.rotation.filt is None:
+            lv.rotation.filt = mx.zeros((lv.rotation.n,), mx.float32)
+    try:
+        yield
+    finally:
+        K._run = run
+        for lv, (uk, rk, filt) in zip(levels, saved):
+            lv.use_kernel, lv.rotation.use_kernel, lv.rotation.filt = uk, rk, filt
 
 
 @contextmanager
@@ -57,9 +82,10 @@ def _gpu_like_graph():
             os.environ["MMT_NATIVE"] = env
 
 
-def count_kernels(model, token: int = 1) -> int:
-    """Kernels per decode step on an Apple GPU, from the MLX graph of one step (built, never run)."""
-    with _gpu_like_graph():
+def count_kernels(model, token: int = 1, fgs_kernels: bool = True) -> int:
+    """Kernels per decode step on an Apple GPU, from the MLX graph of one step (built, never run);
+    ``fgs_kernels=False`` counts the rotq levels' MLX reference path instead of their kernels."""
+    with _gpu_like_graph(), _fgs_gpu_kernels(model) if fgs_kernels else nullcontext():
         cache = model.make_cache()
         logits = model(mx.array([[token]]), cache)[0, -1]
     fd, path = tempfile.mkstemp(suffix=".dot")

@@ -246,6 +246,18 @@ def test_convert_bpw_end_to_end(tiny_gguf, tmp_path):
     lm = load_fgs(out, "rot")
     logits = lm.model(mx.array([[1, 2, 3, 4]]), lm.model.make_cache())
     assert logits.shape[-1] == 49152 and bool(mx.all(mx.isfinite(logits)))
+    # Apple estimate: on a GPU each rotq product and decode rotation is one kernel, fewer than the MLX path's ops
+    from mmt_mlx import apple_estimate
+
+    on_kernels, on_ops = (
+        apple_estimate.count_kernels(lm.model),
+        apple_estimate.count_kernels(lm.model, fgs_kernels=False),
+    )
+    layers = len(lm.model.layers)
+    assert 14 * layers <= on_kernels < on_ops
+    assert not any(getattr(m, "use_kernel", False) for m in lm.model.modules())  # restored
+    after = lm.model(mx.array([[1, 2, 3, 4]]), lm.model.make_cache())
+    np.testing.assert_array_equal(np.array(after), np.array(logits))
 
 
 def test_cli_bpw_and_its_errors(tiny_gguf, tmp_path, capsys):
