@@ -28,6 +28,8 @@ from mmt_mlx.errors import MmtError
 from mmt_mlx.fgs.codes import TensorCode, row_mask
 from mmt_mlx.fgs.encoders.gauss_codes import (
     CODE_BITS,
+    TRELLIS_MAX_BITS,
+    WIDE_CODE_BITS,
     decode_rotq,
     encode_rotq,
     inverse_factor,
@@ -122,7 +124,7 @@ def _screen(t: dict, ids: np.ndarray | None, share: float) -> dict:
         code = encode_rotq(ws, SCREEN_BITS, g, t["seed"], t["hr"], rotated_h=True, factor=t["u"],
                            log_scales=t["log_scales"], trellis=t["trellis"])  # fmt: skip
         e3 = output_error(ws, decode_rotq(code), h)
-        cost.update({(b, g): share * t["price"] * e3 * dist[b] / dist[SCREEN_BITS] for b in CODE_BITS})
+        cost.update({(b, g): share * t["price"] * e3 * dist[b] / dist[SCREEN_BITS] for b in dist})
     return {"tensor": t["tensor"], "ids": ids, "rows": rows, "cols": w.shape[1], "cost": cost,
             "use_h": t["use_h"], "key": t["key"]}  # fmt: skip
 
@@ -252,7 +254,11 @@ def encode_bpw(
     # 2. screening: GPTQ error at SCREEN_BITS per group size on a row sample, other widths by the Gaussian
     # distortion ratio; vocabulary rows in bands by token importance, each band priced by its share
     fac = _Factors(covs, damp)
-    dist = {b: tcq_distortion(b) if trellis else gaussian_distortion(b) for b in CODE_BITS}
+    # codes wider than the trellis takes only where the target is above it (every narrower target plans as before)
+    offered = CODE_BITS + (WIDE_CODE_BITS if bpw > TRELLIS_MAX_BITS else ())
+    dist = {
+        b: tcq_distortion(b) if trellis and b <= TRELLIS_MAX_BITS else gaussian_distortion(b) for b in offered
+    }
     items: dict[str, dict] = {}
     parts: dict[str, list[str]] = {}  # tensor -> its items (one, or one per row band)
     whole: dict[str, dict] = {}  # banded tensors screened whole too: the plan that sets each band's floor

@@ -195,8 +195,10 @@ def _codebook_bound(code, x: np.ndarray) -> np.ndarray:
 
 
 @needs_native
-@pytest.mark.parametrize("trellis", [False, True])
-@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6])
+@pytest.mark.parametrize(
+    "bits,trellis",
+    [(b, t) for b in (2, 3, 4, 5, 6) for t in (False, True)] + [(8, False)],  # 8: scalar only
+)
 def test_codebook_product_against_float64_and_alone_vs_batched(bits: int, trellis: bool, monkeypatch):
     """The rotated Gaussian codes' product on the integer GEMM (any token count), scalar and trellis codes:
     within its rounding bound of float64 and of the MLX path, the same bits on 1 and 2 threads, and a token's

@@ -324,6 +324,29 @@ def test_no_vocabulary_band_below_the_whole_plan(tiny_gguf, monkeypatch):
     assert _bits(level) > 2 and min(bands) >= _bits(level) and bands[0] > _bits(level)
 
 
+def test_codes_wider_than_the_trellis_only_above_six_bits(tiny_gguf, monkeypatch):
+    """A target above 6 bits per weight may buy scalar 8-bit codes (the trellis stops at 6); every narrower target
+    plans from the same widths as before. The 8-bit codes run on both paths."""
+    from mmt_mlx.locate import load_source
+    from mmt_mlx.rotq_convert import encode_bpw
+
+    _, src = load_source(tiny_gguf["llama"][0])
+    codes, _, report = encode_bpw(src, 7.5, progress=False, calib_tokens=512)
+    wide = [lv for tc in codes.values() for lv in tc.levels if lv.bits == 8]
+    assert wide and all(lv.trellis == 0 and lv.codebook.size == 256 for lv in wide)
+    assert 6.5 < report["bits_per_weight"] <= 7.5
+    codes6, _, _ = encode_bpw(src, 6.0, progress=False, calib_tokens=512)
+    assert max(lv.bits for tc in codes6.values() for lv in tc.levels) <= 6
+    lv = next(lv for lv in wide if lv.row_mask is None)  # a whole tensor (not a vocabulary band)
+    dense = decode_rotq(lv)
+    x = np.random.default_rng(2).standard_normal((1, 3, lv.cols)).astype(np.float32)
+    for mode in ("0", "auto"):  # the MLX reference path, then the native integer GEMM
+        monkeypatch.setenv("MMT_NATIVE", mode)
+        y = np.asarray(FGSLinear(TensorCode((lv.rows, lv.cols), [lv]), use_kernel=False)(mx.array(x)))
+        tol = (1e-4 if mode == "0" else 1e-3) * (np.abs(x) @ np.abs(dense).T) + 1e-5
+        assert (np.abs(y - x @ dense.T) <= tol).all()
+
+
 def test_scale_refit_lowers_the_weighted_error():
     """Re-solving the group scales for GPTQ's codes never raises a row's output error, and lowers the total."""
     from mmt_mlx.fgs.encoders.gauss_codes import decode_rotated, lloyd_max, refit_scales, row_errors

@@ -73,7 +73,7 @@ bool affine_int_gemm(const AffineWeights& w, const float* x, float* y, int token
 // rounded to steps of max|level| / 2047 and x to int16 per 32 columns; any token count (a token's outputs do not depend on the others
 // in the call, so a request gets the same bits alone and in a batch). False where the integer kernels are off.
 // trellis: trellis codes (mmt_mlx/fgs/codes.py), the codebook a lut of 4 << bits levels indexed by each code's
-// state (the low bits of the codes of the two rows above it) and the code; bits <= 6.
+// state (the low bits of the codes of the two rows above it) and the code; bits <= 6 (scalar codes: 2-6 or 8).
 bool codebook_int_gemm(const AffineWeights& w, const float* codebook, const float* x, float* y, int tokens,
                        bool trellis = false);
 

@@ -103,12 +103,14 @@ bool AffineMatmul::is_equivalent(const mx::Primitive& other) const {
 mx::array codebook_matmul_op(const mx::array& x, const mx::array& wq, const mx::array& scales,
                              const mx::array& codebook, int group_size, int bits, mx::StreamOrDevice s) {
   if (x.ndim() < 1) throw std::invalid_argument("codebook_matmul: x must have at least one dimension");
-  if (bits < 2 || bits > 6) throw std::invalid_argument("codebook_matmul: bits must be 2 to 6");
+  if (bits < 2 || bits > 8 || bits == 7) throw std::invalid_argument("codebook_matmul: bits must be 2 to 6, or 8");
   if (!int_gemm_available(bits) || group_size % 32 != 0)
     throw std::invalid_argument("codebook_matmul: needs the integer kernels (AVX2) and groups of 32, 64 or 128");
   check_affine("codebook_matmul", x.shape(-1), wq, scales, scales, group_size, bits);  // no biases: scales twice
   if (codebook.ndim() != 1 || (codebook.shape(0) != (1 << bits) && codebook.shape(0) != (4 << bits)))
     throw std::invalid_argument("codebook_matmul: the codebook must hold 2^bits levels (4 x 2^bits: trellis codes)");
+  if (codebook.shape(0) == (4 << bits) && bits > 6)
+    throw std::invalid_argument("codebook_matmul: trellis codes take 2 to 6 bits");
   auto stream = mx::to_stream(s);
   const auto sdt = scales.dtype() == mx::float16 ? mx::float16 : mx::float32;
   mx::Shape out_shape = x.shape();

@@ -35,6 +35,10 @@ from mmt_mlx.fgs.encoders.rotation import rotate_covariance, rotate_weight, unro
 from mmt_mlx.fgs.encoders.trellis import TRELLIS, tcq_codebook, tcq_quantize, trellis_states
 
 CODE_BITS = (2, 3, 4, 5, 6)
+# Scalar codes past the trellis' widest (TRELLIS_MAX_BITS): what a target above 6 bits per weight may buy (near the
+# dense perplexity); the native integer kernels take 8-bit codebook codes, not 7.
+WIDE_CODE_BITS = (8,)
+TRELLIS_MAX_BITS = 6
 CODE_GROUPS = (32, 64, 128)
 SCALE_STEPS = np.linspace(0.85, 1.2, 6)  # multiples of the group's RMS tried as its scale
 _ROW_BLOCK = 2048  # rows per pass of the rounding: bounds temporaries and stays cache-friendly
@@ -47,7 +51,8 @@ def rotq_nbytes(
     """Stored bytes of a RotQCode: packed indices + scales (f16, or u8 codes + an f16 top per row) + codebook
     (2**bits f32 levels, or the trellis lut of 4 << bits)."""
     scales = rows * (cols // group_size) + 2 * rows if log_scales else rows * (cols // group_size) * 2
-    return rows * (cols * bits // 32) * 4 + scales + ((4 if trellis else 1) << bits) * 4
+    lut = 4 if trellis and bits <= TRELLIS_MAX_BITS else 1  # wider codes are scalar (encode_rotq)
+    return rows * (cols * bits // 32) * 4 + scales + (lut << bits) * 4
 
 
 def rotq_code_nbytes(code: RotQCode) -> int:
@@ -84,8 +89,8 @@ def _scale_rounder(top: np.ndarray | None):
 
 
 def check_layout(cols: int, bits: int, group_size: int) -> None:
-    if bits not in CODE_BITS:
-        raise ValueError(f"bits must be one of {CODE_BITS}")
+    if bits not in CODE_BITS + WIDE_CODE_BITS:
+        raise ValueError(f"bits must be one of {CODE_BITS + WIDE_CODE_BITS}")
     if cols % group_size or (cols * bits) % 32 or cols % 8:
         raise ValueError(f"cols={cols} does not fit {bits}-bit codes in groups of {group_size}")
 
@@ -251,10 +256,12 @@ def encode_rotq(
     ``rotated_h``: H is already R H R^T; ``factor``: a precomputed ``inverse_factor`` of the rotated H
     (layers that share an input share it); ``refit``: re-solve the group scales for the codes chosen
     (``refit_scales``); ``log_scales``: 8-bit log-scale codes under a per-row top instead of f16 scales;
-    ``trellis``: trellis-coded (``trellis.py``) instead of scalar Lloyd-Max codes."""
+    ``trellis``: trellis-coded (``trellis.py``) instead of scalar Lloyd-Max codes, up to TRELLIS_MAX_BITS (wider
+    codes are scalar)."""
     w = np.asarray(w, dtype=np.float32)
     rows, cols = w.shape
     check_layout(cols, bits, group_size)
+    trellis = trellis and bits <= TRELLIS_MAX_BITS
     wr = rotate_weight(w, seed)
     hr = None
     if h is not None:
