@@ -44,19 +44,17 @@ def _fgs_gpu_kernels(model):
     standing in as one reduction node: a product and a decode token's rotation are one dispatch each on a GPU,
     where the MLX reference path the CPU builds is a dozen ops."""
     levels = [m for m in model.modules() if isinstance(m, RotQLevel)]
-    saved = [(lv.use_kernel, lv.rotation.use_kernel, lv.rotation.filt) for lv in levels]
+    saved = [(lv.use_kernel, lv.rotation.use_kernel) for lv in levels]
     run = K._run
     K._run = lambda launch, inputs, out_shape: mx.broadcast_to(mx.sum(inputs[0]), out_shape)
     for lv in levels:
         lv.use_kernel = lv.rotation.use_kernel = True
-        if lv.rotation.filt is None:
-            lv.rotation.filt = mx.zeros((lv.rotation.n,), mx.float32)
     try:
         yield
     finally:
         K._run = run
-        for lv, (uk, rk, filt) in zip(levels, saved):
-            lv.use_kernel, lv.rotation.use_kernel, lv.rotation.filt = uk, rk, filt
+        for lv, (uk, rk) in zip(levels, saved):
+            lv.use_kernel, lv.rotation.use_kernel = uk, rk
 
 
 @contextmanager

@@ -283,14 +283,12 @@ def test_kernel_sources_complete():
 
 # ---------------------------------------------------------------- CUDA text: compile only
 
-_CUDA_TYPES = {"float32": "float", "int32": "int32_t", "uint8": "uint8_t", "uint32": "uint32_t"}
-
 
 def _cuda_wrap(launch: K.Launch) -> str:
     """Mimics MLX's build_kernel (mlx/backend/cuda/custom_kernel.cpp): header, namespace, signature,
     template ints as constexpr, body. MLX's own utils.cuh is not here: nothing of it is used."""
     spec = K.SPECS[launch.name]
-    params = [f"    const {_CUDA_TYPES[dt]}* {n}" for n, dt in spec.inputs] + [
+    params = [f"    const {harness._CTYPES[dt]}* {n}" for n, dt in spec.inputs] + [
         f"    float* {n}" for n in spec.outputs
     ]
     consts = "".join(f"  constexpr int {n} = {v};\n" for n, v in launch.template)

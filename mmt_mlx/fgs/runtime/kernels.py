@@ -89,23 +89,23 @@ def _ceil(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def gaussian_launch(tokens: int, rows: int) -> Launch:
+def _row_product_launch(kernel: str, tokens: int, rows: int) -> Launch:
+    """Geometry of the weight-synthesizing products (Gaussian and rotq levels): for a few tokens 8 rows x 32 lanes
+    per threadgroup, one token per grid z; past that 32 x 32 output tiles."""
     # grids are whole threadgroups: Metal would shrink a group to a smaller grid, CUDA rounds up
     if tokens <= GAUSSIAN_DECODE_MAX_TOKENS:
         return Launch(
-            "gaussian_matmul_decode",
-            (256, 8 * _ceil(rows, 8), tokens),
-            (256, 1, 1),
-            (("TC", GAUSSIAN_DECODE_TC),),
+            f"{kernel}_decode", (256, 8 * _ceil(rows, 8), tokens), (256, 1, 1), (("TC", GAUSSIAN_DECODE_TC),)
         )
-    return Launch("gaussian_matmul_prefill", (256, _ceil(rows, 32), _ceil(tokens, 32)), (256, 1, 1), ())
+    return Launch(f"{kernel}_prefill", (256, _ceil(rows, 32), _ceil(tokens, 32)), (256, 1, 1), ())
+
+
+def gaussian_launch(tokens: int, rows: int) -> Launch:
+    return _row_product_launch("gaussian_matmul", tokens, rows)
 
 
 def rotq_launch(tokens: int, rows: int) -> Launch:
-    """The rotq kernels share the Gaussian level's geometry: 8 rows x 32 lanes per decode threadgroup, 32 x 32
-    output tiles when prefilling."""
-    g = gaussian_launch(tokens, rows)
-    return Launch(g.name.replace("gaussian", "rotq"), g.grid, g.threadgroup, g.template)
+    return _row_product_launch("rotq_matmul", tokens, rows)
 
 
 def rotate_launch(tokens: int, n: int) -> Launch:

@@ -13,6 +13,8 @@ codebook lookup and the per-group scales give the tile. Embedding rows are decod
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import mlx.core as mx
 import numpy as np
 from mlx import nn
@@ -55,10 +57,12 @@ class Rotation:
         self.phase_conj = mx.array(np.conj(phase).astype(np.complex64))
         # the native kernel's form of the same factors: (n // 2 + 1, 2) real and imaginary parts
         self.phase_re_im = mx.array(np.stack([phase.real, phase.imag], -1).astype(np.float32))
-        # the GPU kernel's form: the circulant's real filter irfft(phase), applied directly to a decode token
-        self.filt = (
-            mx.array(np.fft.irfft(phase.astype(np.complex128), n).astype(np.float32)) if use_kernel else None
-        )
+
+    @cached_property
+    def filt(self) -> mx.array:
+        """The GPU kernel's form: the circulant's real filter irfft(phase), applied directly to a decode token."""
+        _, phase = rotation_params(self.n, self.seed)
+        return mx.array(np.fft.irfft(phase.astype(np.complex128), self.n).astype(np.float32))
 
     def _direct(self, x: mx.array) -> bool:
         return self.use_kernel and K.rotate_direct_fits(x.size // max(1, self.n), self.n)
